@@ -1,0 +1,20 @@
+"""netfold: compress trained PyTorch networks by changing their structure, without data.
+
+    report = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="ar"))
+"""
+
+from .api import fold
+from .config import DeepInversionConfig, FoldConfig
+from .graph.trace import TraceError, find_groups
+from .report import GroupReport, Report
+
+__all__ = [
+    "DeepInversionConfig",
+    "FoldConfig",
+    "GroupReport",
+    "Report",
+    "TraceError",
+    "find_groups",
+    "fold",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,275 @@
+"""netfold.fold: cluster similar channels, merge them, repair the statistics, in place.
+
+The whole plan (groups, widths, clusterings, new tensors) is computed and validated before the
+model is touched; the write itself is rolled back if anything fails after it started.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from fnmatch import fnmatch
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .config import FoldConfig
+from .eval.cost import count_flops, count_params
+from .fold.cluster import cluster
+from .fold.deep_inversion import synthesize
+from .fold.merge import TensorState, cluster_matrices, group_features, merge_group
+from .fold.repair import collect_inputs, producer_stats, repair_with_batch
+from .graph.groups import ChannelGroup
+from .graph.surgery import Snapshot, apply_tensors, get_module
+from .graph.trace import find_groups, infer_example_inputs
+from .report import GroupReport, Report
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ValueError naming the first parameter or buffer holding NaN or inf."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} contains NaN or inf; refusing to fold")
+
+
+def _owner_modules(g: ChannelGroup) -> list[str]:
+    return g.producers + g.channel_ops
+
+
+def _matches(g: ChannelGroup, pattern: str) -> bool:
+    return fnmatch(g.name, pattern) or any(fnmatch(m, pattern) for m in _owner_modules(g))
+
+
+def group_ratio(g: ChannelGroup, config: FoldConfig, default: float | None = None) -> float | None:
+    """The ratio that applies to group ``g`` (None when it is skipped)."""
+    if any(_matches(g, p) for p in config.skip):
+        return None
+    if config.ratios:
+        for pat, r in config.ratios.items():
+            if _matches(g, pat):
+                return r
+    return config.ratio if default is None else default
+
+
+def width_for(n: int, ratio: float, config: FoldConfig, head_size: int = 1) -> int:
+    """k = round(n * (1 - ratio)), at least ``min_channels`` (and one head), at most n."""
+    if head_size > 1:
+        heads = n // head_size
+        kh = max(1, int(round(heads * (1.0 - ratio))))
+        return min(heads, kh) * head_size
+    return max(min(n, config.min_channels), min(n, int(round(n * (1.0 - ratio)))))
+
+
+def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str, int]) -> int:
+    """Parameter count of ``model`` once each group ``name`` has width ``widths[name]``."""
+    shapes: dict[tuple[str, str], list[int]] = {}
+
+    def shape(mname: str, tname: str) -> list[int] | None:
+        key = (mname, tname)
+        if key not in shapes:
+            t = getattr(get_module(model, mname), tname, None)
+            if not isinstance(t, nn.Parameter):
+                return None
+            shapes[key] = list(t.shape)
+        return shapes[key]
+
+    for g in groups:
+        k = widths.get(g.name, g.size)
+        if k == g.size:
+            continue
+        for m in _owner_modules(g):
+            for tname in ("weight", "bias"):
+                s = shape(m, tname)
+                if s is not None:
+                    s[0] = k
+        for c in g.consumers:
+            s = shape(c.module, "weight")
+            if s is not None:
+                s[1] = k * c.repeat
+    total = 0
+    seen: set[int] = set()
+    owners = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    by_id: dict[int, tuple[str, str]] = {}
+    for mname, mod in model.named_modules():
+        for tname, p in mod._parameters.items():
+            if p is not None and id(p) not in by_id:
+                by_id[id(p)] = (mname, tname)
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = by_id.get(id(p))
+        s = shapes.get(key) if key else None
+        total += math.prod(s) if s is not None else p.numel()
+    del owners
+    return total
+
+
+def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig) -> dict[str, int]:
+    """Width k of every foldable group, from ratio / ratios / target_sparsity."""
+    foldable = [g for g in groups if g.foldable]
+    if config.target_sparsity is None:
+        widths = {}
+        for g in foldable:
+            r = group_ratio(g, config)
+            if r is not None:
+                widths[g.name] = width_for(g.size, r, config, g.head_size)
+        return widths
+    total = count_params(model)
+
+    def widths_at(r: float) -> dict[str, int]:
+        out = {}
+        for g in foldable:
+            rr = group_ratio(g, config, default=r)
+            if rr is not None:
+                out[g.name] = width_for(g.size, rr if config.ratios and rr != r else r, config, g.head_size)
+        return out
+
+    def sparsity(r: float) -> float:
+        return 1.0 - params_after(model, groups, widths_at(r)) / total
+
+    target = config.target_sparsity
+    hi_r = 1.0 - 1e-9
+    max_sp = sparsity(hi_r)
+    if target > max_sp + 1e-9:
+        raise ValueError(
+            f"target_sparsity {target:.3f} is unreachable: folding every foldable group to "
+            f"min_channels={config.min_channels} removes only {max_sp:.3f} of the parameters"
+        )
+    lo, hi = 0.0, hi_r
+    best_r, best_err = 0.0, abs(sparsity(0.0) - target)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        s = sparsity(mid)
+        if abs(s - target) < best_err:
+            best_r, best_err = mid, abs(s - target)
+        if s < target:
+            lo = mid
+        else:
+            hi = mid
+    return widths_at(best_r)
+
+
+def fold(
+    model: nn.Module,
+    config: FoldConfig | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    data=None,
+    synthetic: torch.Tensor | None = None,
+    groups: list[ChannelGroup] | None = None,
+    progress: bool = False,
+) -> Report:
+    """Fold ``model`` in place: cluster each channel group, merge, repair.
+
+    Args:
+        model: a CNN / MLP (traced with torch.fx) in eval or train mode; its mode is kept.
+        config: what to fold and how (default ``FoldConfig()``: ratio 0.5, k-means, Fold-AR).
+        example_inputs: an input batch, e.g. (N, C, H, W), for tracing and FLOP counts;
+            inferred from the first layer when None.
+        data: calibration inputs for ``repair="data"``: a Tensor (N, ...), a list of Tensors or
+            (x, y) pairs, or a DataLoader (at most 1024 samples are used).
+        synthetic: an already synthesised Deep-Inversion batch for ``repair="dir"`` (synthesis
+            depends only on the original model, so sweeps can reuse one batch).
+        groups: precomputed channel groups (from :func:`netfold.graph.find_groups` on this same
+            model), to skip tracing.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`Report` (parameters, FLOPs, widths per group, skipped groups, time).
+
+    Raises:
+        TypeError: config of the wrong type, or a model torch.fx cannot trace.
+        ValueError: NaN/inf weights, missing data for repair="data", an unreachable target.
+    """
+    t0 = time.perf_counter()
+    if config is None:
+        config = FoldConfig()
+    if not isinstance(config, FoldConfig):
+        raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_finite(model)
+    if config.repair == "data" and data is None:
+        raise ValueError("repair='data' needs calibration inputs: pass data=... (a Tensor, batches or a DataLoader)")
+    if config.repair == "dir" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics)")
+    if example_inputs is None:
+        example_inputs = infer_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if groups is None:
+        groups = find_groups(model, example_inputs)
+    widths = plan_widths(model, groups, config)
+    params_before = count_params(model)
+    flops_before = count_flops(model, example_inputs)
+
+    todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
+    mode = "ar" if config.repair == "ar" else "naive"
+    state: TensorState = {}
+    costs: dict[str, float] = {}
+    labels_of: dict[str, torch.Tensor] = {}
+    for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
+        k = widths[g.name]
+        X = group_features(model, g, mode)
+        c = cluster(X, k, config.method, seed=config.seed, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol)
+        labels_of[g.name] = c.labels
+        costs[g.name] = c.cost
+    for g in todo:
+        merge_group(state, model, g, labels_of[g.name], widths[g.name], mode)
+
+    # Everything that needs the ORIGINAL model happens before the write.
+    batch = None
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if todo and config.repair in ("dir", "data"):
+        if config.repair == "data":
+            batch = collect_inputs(data)
+        else:
+            batch = synthetic if synthetic is not None else synthesize(
+                model, tuple(example_inputs[0].shape[1:]), config.deep_inversion, progress=progress
+            )
+        free = [(g, p) for g in todo for p in g.producers if p not in g.bn_of]
+        if free:
+            stats = producer_stats(model, [p for _, p in free], batch)
+            for g, p in free:
+                _, A = cluster_matrices(labels_of[g.name], widths[g.name], torch.float64)
+                mu, sd = stats[p]
+                targets[p] = (A @ mu, A @ sd)
+
+    touched = sorted(state.keys() | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    snap = Snapshot(model, touched)
+    try:
+        apply_tensors(model, state)
+        if batch is not None:
+            repair_with_batch(model, batch, targets, reset_bn=True)
+        check_finite(model)
+    except BaseException:
+        snap.restore()
+        raise
+
+    report = Report(
+        operation="fold",
+        params_before=params_before,
+        params_after=count_params(model),
+        flops_before=flops_before,
+        flops_after=count_flops(model, example_inputs),
+        config=config.to_dict(),
+    )
+    for g in groups:
+        if g.foldable:
+            report.groups.append(
+                GroupReport(
+                    g.name,
+                    g.size,
+                    widths.get(g.name, g.size),
+                    g.modules,
+                    costs.get(g.name),
+                    labels_of[g.name].tolist() if g.name in labels_of else None,
+                )
+            )
+        elif g.producers:
+            report.skipped.append((g.name, "; ".join(g.frozen_reasons)))
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,175 @@
+"""Frozen, validated, JSON round-trippable configurations for every netfold operation.
+
+Each config names one algorithm and its knobs; data never lives in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+CLUSTER_METHODS = (
+    "kmeans",
+    "agglomerative-ward",
+    "agglomerative-complete",
+    "agglomerative-average",
+    "agglomerative-single",
+    "spectral",
+    "greedy",
+)
+METHODS = CLUSTER_METHODS
+REPAIRS = ("none", "ar", "dir", "data")
+ALLOCATIONS = ("uniform",)
+
+
+class _JSONMixin:
+    """to_dict / to_json / from_dict / from_json for (possibly nested) frozen dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        kwargs = {}
+        for name, value in d.items():
+            sub = _NESTED.get((cls.__name__, name))
+            kwargs[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+
+def _check_fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+    if not ok:
+        rng = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ValueError(f"{name} must lie in {rng}, got {value}")
+
+
+@dataclass(frozen=True)
+class DeepInversionConfig(_JSONMixin):
+    """Deep Inversion synthesis (Yin et al., 2020) as used by Fold-DIR.
+
+    The authors' defaults are batch 256 and 4000 Adam steps; on a 2-core CPU that takes far too
+    long, so the default here is a smaller budget (see docs/repair.md for the measured trade-off).
+    """
+
+    batch_size: int = 64
+    steps: int = 200
+    lr: float = 0.05
+    tv_weight: float = 2.5e-6
+    l2_weight: float = 0.2
+    bn_weight: float = 1e4
+    class_weight: float = 1.0
+    jitter: int = 2
+    num_classes: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (BatchNorm statistics), got {self.batch_size}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for n in ("tv_weight", "l2_weight", "bn_weight", "class_weight"):
+            if getattr(self, n) < 0:
+                raise ValueError(f"{n} must be >= 0, got {getattr(self, n)}")
+        if self.jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+
+
+@dataclass(frozen=True)
+class FoldConfig(_JSONMixin):
+    """What to fold and how.
+
+    Args:
+        ratio: fraction of channels removed in every foldable group; k = round(n * (1 - ratio)),
+            at least ``min_channels``. 0 is the identity.
+        ratios: per-group overrides, ``{pattern: ratio}``; a pattern (fnmatch) is matched against
+            the group name and every module name in the group, first match wins.
+        target_sparsity: fraction of all parameters to remove; when set, netfold solves for the
+            ratios (uniform, or by ``allocation``) and ``ratio`` is ignored.
+        allocation: how ``target_sparsity`` is spread over groups: "uniform" (one ratio).
+        method: clusterer ("kmeans", "agglomerative-{ward,complete,average,single}", "spectral",
+            "greedy").
+        repair: "none" (Fold-naive), "ar" (approximate REPAIR, data-free), "dir" (Deep-Inversion
+            REPAIR, data-free), "data" (REPAIR with calibration batches).
+        seed: seeds every random choice (k-means init, deep inversion).
+        n_init / max_iter / tol: k-means restarts, Lloyd iterations per restart, relative
+            tolerance on the objective for early stopping.
+        min_channels: no group is folded below this width.
+        skip: fnmatch patterns of groups/modules never to fold.
+        deep_inversion: settings for repair="dir".
+    """
+
+    ratio: float = 0.5
+    ratios: dict[str, float] | None = None
+    target_sparsity: float | None = None
+    allocation: str = "uniform"
+    method: str = "kmeans"
+    repair: str = "ar"
+    seed: int = 0
+    n_init: int = 10
+    max_iter: int = 20
+    tol: float = 1e-4
+    min_channels: int = 1
+    skip: tuple[str, ...] = ()
+    deep_inversion: DeepInversionConfig = field(default_factory=DeepInversionConfig)
+
+    def __post_init__(self) -> None:
+        _check_fraction("ratio", self.ratio)
+        if self.ratios is not None:
+            if not isinstance(self.ratios, dict):
+                raise TypeError(f"ratios must be a dict of pattern -> ratio, got {type(self.ratios).__name__}")
+            for pat, r in self.ratios.items():
+                if not isinstance(pat, str) or not pat:
+                    raise ValueError(f"ratios keys must be non-empty strings, got {pat!r}")
+                _check_fraction(f"ratios[{pat!r}]", r)
+        if self.target_sparsity is not None:
+            _check_fraction("target_sparsity", self.target_sparsity)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose from {ALLOCATIONS}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.repair not in REPAIRS:
+            raise ValueError(f"unknown repair {self.repair!r}; choose from {REPAIRS}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.n_init < 1:
+            raise ValueError(f"n_init must be >= 1, got {self.n_init}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels (k) must be >= 1, got {self.min_channels}")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise TypeError("skip must be a sequence of fnmatch patterns (strings)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if isinstance(self.deep_inversion, dict):
+            object.__setattr__(self, "deep_inversion", DeepInversionConfig.from_dict(self.deep_inversion))
+        if not isinstance(self.deep_inversion, DeepInversionConfig):
+            raise TypeError("deep_inversion must be a DeepInversionConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["skip"] = list(self.skip)
+        return d
+
+
+_NESTED: dict[tuple[str, str], type] = {("FoldConfig", "deep_inversion"): DeepInversionConfig}

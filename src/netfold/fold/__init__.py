@@ -1,0 +1,1 @@
+"""Model folding: cluster similar channels and merge them."""

@@ -1,0 +1,232 @@
+"""Latency of one model along several execution paths, measured together (interleaved).
+
+Paths are named ``[variant_][fused_]backend``:
+
+* ``eager``: the model as given; ``fused``: a :func:`netfold.fuse`-d copy in eager PyTorch;
+* ``compile`` / ``fused_compile``: ``torch.compile`` (inductor, ``freezing=True`` so weights are
+  constant-folded and prepacked, the CPU inference setting);
+* ``ort`` / ``fused_ort``: ``torch.onnx`` export run by ONNX Runtime with all graph
+  optimisations (static shapes, one file per batch size);
+* ``<variant>...``: the same for another model passed in ``variants`` (e.g. ``folded``,
+  ``folded_fused_ort``), so compressed and original models are timed in the same rounds.
+
+Every path's output is compared with the eager output of its own base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from netfold.eval.cost import count_flops, count_params
+from netfold.eval.latency import machine_info, measure_interleaved
+from netfold.fuse.config import FuseConfig
+from netfold.fuse.core import fuse
+from netfold.fuse.record import call_model
+from netfold.fuse.verify import flat_outputs
+
+__all__ = ["PATHS", "parse_path", "benchmark_paths"]
+
+PATHS = ("eager", "fused", "compile", "fused_compile", "ort", "fused_ort")
+BACKENDS = ("eager", "compile", "ort")
+
+
+def parse_path(path: str, variants: tuple[str, ...] = ()) -> tuple[str | None, bool, str]:
+    """``"folded_fused_ort"`` -> ``("folded", True, "ort")``; ``"eager"`` -> ``(None, False, "eager")``."""
+    toks = path.split("_")
+    variant = toks.pop(0) if toks and toks[0] in variants else None
+    fused = bool(toks) and toks[0] == "fused"
+    if fused:
+        toks.pop(0)
+    backend = toks.pop(0) if toks else "eager"
+    if toks or backend not in BACKENDS:
+        raise ValueError(
+            f"bad path {path!r}: use [variant_][fused_](eager|compile|ort), variants {variants}"
+        )
+    return variant, fused, backend
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    outs = flat_outputs(out)
+    if not outs:
+        raise ValueError("model returned no floating-point tensor")
+    return outs[0]
+
+
+def benchmark_paths(
+    model: nn.Module,
+    inputs_by_batch: dict[int, Any],
+    *,
+    paths: tuple[str, ...] | list[str] = PATHS,
+    variants: dict[str, nn.Module] | None = None,
+    threads: int = 2,
+    repeats: int = 30,
+    warmup: int = 5,
+    workdir: str | os.PathLike[str] | None = None,
+    model_name: str = "model",
+    fuse_config: FuseConfig | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Measure the latency of ``paths`` for each batch size, interleaved within a batch size.
+
+    Args:
+        model: the original model (not modified: fused variants are deep copies).
+        inputs_by_batch: batch size -> example inputs (Tensor, args tuple or kwargs dict).
+        paths: path names (see the module docstring).
+        variants: extra base models addressable as path prefixes (names without "_").
+        threads: torch intra-op threads and ONNX Runtime intra-op threads.
+        repeats / warmup: timed rounds / untimed calls per path.
+        workdir: where ONNX files are written (a temporary directory if None).
+        model_name: label in the results.
+        fuse_config: config for the fused copies (``FuseConfig()`` if None).
+        log: progress messages (None: silent).
+
+    Returns:
+        A JSON-serialisable dict: machine and versions, threads, per-base params/FLOPs and fuse
+        summaries, and per batch size the latency statistics, speed-ups vs ``eager`` and max
+        abs error of every path against its base model's eager output.
+    """
+    say = log or (lambda _msg: None)
+    variants = dict(variants or {})
+    for v in variants:
+        if "_" in v or v in ("eager", "fused") + BACKENDS:
+            raise ValueError(f"variant name {v!r} must not contain '_' or be a path keyword")
+    parsed = {p: parse_path(p, tuple(variants)) for p in paths}
+    bases: dict[str | None, nn.Module] = {None: model.eval()}
+    bases.update({k: m.eval() for k, m in variants.items()})
+    smallest = min(inputs_by_batch)
+    result: dict[str, Any] = {
+        "model": model_name,
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "paths": list(paths),
+        "machine": machine_info(),
+        "bases": {},
+        "batches": {},
+    }
+
+    # Fused copies (one per base that needs one), verified by fuse itself.
+    fused: dict[str | None, nn.Module] = {}
+    for variant, is_fused, _ in parsed.values():
+        if is_fused and variant not in fused:
+            m = copy.deepcopy(bases[variant])
+            say(f"[{model_name}] fusing {variant or 'model'} ...")
+            rep = fuse(m, fuse_config, example_inputs=inputs_by_batch[smallest])
+            fused[variant] = m
+            result["bases"][_label(variant, True)] = {
+                "fuse": {
+                    k: rep.extra.get(k)
+                    for k in (
+                        "fusions_applied",
+                        "candidates_rejected",
+                        "rolled_back",
+                        "max_abs_err",
+                        "max_rel_err",
+                        "max_abs_err_float64",
+                        "max_rel_err_float64",
+                    )
+                },
+                "fuse_seconds": rep.seconds,
+            }
+
+    def get_model(variant: str | None, is_fused: bool) -> nn.Module:
+        return fused[variant] if is_fused else bases[variant]
+
+    compiled: dict[tuple[str | None, bool], Any] = {}
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    wd = tmp.name if tmp is not None else os.fspath(workdir)
+    old_freezing = None
+    try:
+        import torch._inductor.config as inductor_config
+
+        old_freezing = inductor_config.freezing
+        inductor_config.freezing = True
+    except Exception:  # noqa: BLE001 - no inductor: compile paths will fail loudly below
+        inductor_config = None
+    try:
+        for batch in sorted(inputs_by_batch):
+            x = inputs_by_batch[batch]
+            fns: dict[str, Callable[[], Any]] = {}
+            refs: dict[str | None, torch.Tensor] = {}
+            errors: dict[str, float] = {}
+            flops: dict[str, int] = {}
+            for path, (variant, is_fused, backend) in parsed.items():
+                m = get_model(variant, is_fused)
+                label = _label(variant, is_fused)
+                if label not in flops:
+                    flops[label] = count_flops(m, x)
+                    info = result["bases"].setdefault(label, {})
+                    info["params"] = count_params(m)
+                if variant not in refs:
+                    with torch.no_grad():
+                        refs[variant] = _first_output(call_model(bases[variant], x))
+                if backend == "eager":
+                    fns[path] = _eager(m, x)
+                elif backend == "compile":
+                    key = (variant, is_fused)
+                    if key not in compiled:
+                        compiled[key] = torch.compile(m, dynamic=False)
+                    say(f"[{model_name}] b{batch} compiling {path} ...")
+                    fns[path] = _eager(compiled[key], x)
+                else:
+                    from netfold.export import export_onnx, ort_session
+
+                    f = os.path.join(wd, f"{model_name.replace('/', '_')}_{label}_b{batch}.onnx")
+                    say(f"[{model_name}] b{batch} exporting {path} ...")
+                    export_onnx(m, x, f)
+                    sess = ort_session(f, threads=threads)
+                    fns[path] = _ort(sess, x)
+                with torch.no_grad():
+                    out = fns[path]()
+                got = out if isinstance(out, torch.Tensor) else _first_output(out)
+                errors[path] = float((got.double() - refs[variant].double()).abs().max())
+            say(f"[{model_name}] b{batch} timing {len(fns)} paths x {repeats} rounds ...")
+            stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, threads=threads)
+            lat = {p: s.to_dict() for p, s in stats.items()}
+            base_ms = lat.get("eager", {}).get("median_ms")
+            result["batches"][str(batch)] = {
+                "latency": lat,
+                "speedup_vs_eager": (
+                    {p: base_ms / s["median_ms"] for p, s in lat.items()} if base_ms else {}
+                ),
+                "max_abs_err": errors,
+                "flops": flops,
+            }
+    finally:
+        if inductor_config is not None and old_freezing is not None:
+            inductor_config.freezing = old_freezing
+        if tmp is not None:
+            tmp.cleanup()
+    result["machine"]["loadavg_end"] = machine_info().get("loadavg_1_5_15")
+    return result
+
+
+def _label(variant: str | None, is_fused: bool) -> str:
+    base = variant or "original"
+    return f"{base}+fused" if is_fused else base
+
+
+def _eager(m: Any, x: Any) -> Callable[[], Any]:
+    if isinstance(x, torch.Tensor):
+        return lambda: m(x)
+    if isinstance(x, dict):
+        return lambda: m(**x)
+    return lambda: m(*x)
+
+
+def _ort(sess: Any, x: Any) -> Callable[[], Any]:
+    from netfold.export import ort_feed
+
+    feed = ort_feed(sess, x)  # numpy conversion once, outside the timed call
+
+    def run() -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    return run

@@ -1,0 +1,364 @@
+"""Tests of netfold.fold on CNNs and MLPs (random weights, offline).
+
+Run: python -m pytest tests/test_fold.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import netfold
+from netfold.graph.surgery import get_module
+from netfold.models import build_model
+
+torch.set_num_threads(2)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)
+    ).eval()
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _plant_duplicates(model: nn.Module, groups, distinct: dict[str, int]) -> None:
+    """Make channel i a copy of channel i % d in every listed group (rows, per-channel
+    parameters and consumer columns), so the group folds exactly to d channels."""
+    with torch.no_grad():
+        for g in groups:
+            if g.name not in distinct:
+                continue
+            d = distinct[g.name]
+            src = torch.arange(g.size) % d
+            for name in g.producers + g.channel_ops:
+                m = get_module(model, name)
+                for t in list(m._parameters.values()) + list(m._buffers.values()):
+                    if t is not None and t.dim() >= 1 and t.shape[0] == g.size:
+                        t.copy_(t[src])
+            for c in g.consumers:
+                w = get_module(model, c.module).weight
+                out = w.shape[0]
+                v = w.view(out, g.size, c.repeat, -1)
+                v.copy_(v[:, src])
+
+
+# ---------------------------------------------------------------- identity at ratio 0
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn", "mobilenet_v2", "mlp"])
+@pytest.mark.parametrize("repair", ["none", "ar"])
+def test_ratio_zero_is_bit_identical(arch, repair):
+    if arch == "mlp":
+        model, x = _mlp(), torch.randn(8, 20)
+    else:
+        model = _randomise_bn(getattr(torchvision.models, arch)(num_classes=10))
+        x = torch.randn(2, 3, 32, 32)
+    before = copy.deepcopy(model.state_dict())
+    ref = model(x)
+    report = netfold.fold(model, netfold.FoldConfig(ratio=0.0, repair=repair), example_inputs=x)
+    assert _state_equal(model.state_dict(), before)
+    assert torch.equal(model(x), ref)
+    assert report.params_after == report.params_before
+    assert report.sparsity == 0.0
+
+
+# ---------------------------------------------------------------- exact folds
+@pytest.mark.parametrize("repair", ["none", "ar"])
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "vgg11_bn_cifar", "mlp"])
+def test_planted_duplicates_fold_exactly(arch, repair):
+    torch.manual_seed(1)
+    if arch == "mlp":
+        model, x = _mlp(), torch.randn(16, 20)
+    else:
+        # float64: the logits of these random nets reach ~1e2, float32 rounding alone is ~1e-5
+        model = _randomise_bn(build_model(arch, in_channels=3, num_classes=10, width=0.125)).double()
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    groups = netfold.find_groups(model, x)
+    foldable = [g for g in groups if g.foldable]
+    distinct = {g.name: max(1, g.size // 2) for g in foldable}
+    _plant_duplicates(model, groups, distinct)
+    ref = model(x).detach()
+    ratios = {g.name: 1.0 - distinct[g.name] / g.size for g in foldable}
+    report = netfold.fold(
+        model, netfold.FoldConfig(ratio=0.0, ratios=ratios, repair=repair, n_init=2), example_inputs=x
+    )
+    assert all(g.width_after == distinct[g.name] for g in report.groups)
+    assert report.params_after < report.params_before
+    out = model(x)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_negative_control_without_duplicates_is_not_exact():
+    torch.manual_seed(1)
+    model = _randomise_bn(build_model("resnet18_cifar", in_channels=3, num_classes=10, width=0.125))
+    x = torch.randn(4, 3, 32, 32)
+    ref = model(x).detach()
+    netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="none", n_init=2), example_inputs=x)
+    assert (model(x) - ref).abs().max().item() > 1e-3
+
+
+# ---------------------------------------------------------------- shapes at ratio 0.5
+def _expected_params(model: nn.Module, report) -> int:
+    """Recount parameters from the modules' own width attributes (independent of tensors)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            total += m.out_channels * (m.in_channels // m.groups) * kh * kw + (m.out_channels if m.bias is not None else 0)
+        elif isinstance(m, nn.Linear):
+            total += m.out_features * m.in_features + (m.out_features if m.bias is not None else 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 2 * m.num_features
+    return total
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn", "mobilenet_v2", "resnet50"])
+def test_torchvision_fold_half(arch):
+    model = _randomise_bn(getattr(torchvision.models, arch)(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    report = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="ar", n_init=1, max_iter=5), example_inputs=x)
+    out = model(x)
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+    assert report.params_after == _expected_params(model, report) == sum(p.numel() for p in model.parameters())
+    for g in report.groups:
+        assert g.width_after == round(g.width_before * 0.5)
+    # conv params shrink ~ (1 - r)^2 on both sides, the classifier only on its inputs
+    assert 0.6 < report.sparsity < 0.8, report.sparsity
+    assert report.flops_after < 0.5 * report.flops_before
+
+
+def test_depthwise_stays_consistent():
+    model = _randomise_bn(torchvision.models.mobilenet_v2(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    netfold.fold(model, netfold.FoldConfig(ratio=0.3, repair="none", n_init=1, max_iter=3), example_inputs=x)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels == m.weight.shape[0]
+
+
+def test_classifier_outputs_never_folded():
+    model = _mlp()
+    netfold.fold(model, netfold.FoldConfig(ratio=0.9), example_inputs=torch.randn(4, 20))
+    assert model[-1].out_features == 5
+    assert model[0].in_features == 20
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_seed_same_result():
+    base = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.125))
+    x = torch.randn(2, 1, 32, 32)
+    outs = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        netfold.fold(m, netfold.FoldConfig(ratio=0.4, seed=3), example_inputs=x)
+        outs.append((m.state_dict(), m(x)))
+    assert _state_equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+# ---------------------------------------------------------------- repairs with data
+def test_repair_data_and_dir_run_and_reset_bn():
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.125))
+    x = torch.randn(64, 1, 32, 32)
+    m_data = copy.deepcopy(model)
+    netfold.fold(m_data, netfold.FoldConfig(ratio=0.5, repair="data", n_init=2), example_inputs=x[:2], data=x)
+    # after re-estimation on x, the BN that follows the stem sees zero-mean inputs on x
+    bn = m_data.bn1 if hasattr(m_data, "bn1") else next(m for m in m_data.modules() if isinstance(m, nn.BatchNorm2d))
+    feats = {}
+    h = bn.register_forward_hook(lambda mod, i, o: feats.setdefault("in", i[0]))
+    m_data(x)
+    h.remove()
+    mean = feats["in"].mean((0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-4, rtol=1e-4)
+    m_dir = copy.deepcopy(model)
+    cfg = netfold.FoldConfig(ratio=0.5, repair="dir", n_init=2, deep_inversion=netfold.DeepInversionConfig(batch_size=16, steps=3))
+    rep = netfold.fold(m_dir, cfg, example_inputs=x[:2])
+    assert rep.params_after < rep.params_before
+    assert torch.isfinite(m_dir(x)).all()
+
+
+def test_repair_data_without_bn_matches_member_statistics():
+    """REPAIR on a BN-free MLP: merged channels get the mean of their members' mean/std."""
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(512, 20)
+    orig = copy.deepcopy(model)
+    rep = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="data", n_init=2), data=x)
+    assert rep.groups[0].width_after == 32
+    with torch.no_grad():
+        h_orig = orig[0](x)
+        h_new = model[0](x)
+    labels = torch.tensor(rep.groups[0].labels)
+    counts = torch.bincount(labels, minlength=32).double()
+
+    def cluster_mean(v):  # (64,) -> (32,) mean over each cluster's members
+        return torch.zeros(32, dtype=torch.float64).index_add_(0, labels, v.double()) / counts
+
+    torch.testing.assert_close(h_new.std(0, unbiased=False).double(), cluster_mean(h_orig.std(0, unbiased=False)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h_new.mean(0).double(), cluster_mean(h_orig.mean(0)), rtol=1e-4, atol=1e-5)
+
+
+def test_ar_reduces_variance_collapse():
+    """Fold-AR keeps the last layer's variance closer to the original than Fold-naive."""
+    from netfold.eval.variance import variance_ratio
+
+    torch.manual_seed(0)
+    base = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.25))
+    x = torch.randn(64, 1, 32, 32)
+    vr = {}
+    for repair in ("none", "ar"):
+        m = copy.deepcopy(base)
+        netfold.fold(m, netfold.FoldConfig(ratio=0.5, repair=repair, n_init=2), example_inputs=x[:2])
+        vr[repair] = variance_ratio(base, m, x)["<classifier input>"]
+    # random weights are nearly uncorrelated: naive folding collapses the variance (~0.01),
+    # AR overshoots mildly (~2); compare on a log scale
+    assert abs(math.log(vr["ar"])) < abs(math.log(vr["none"])), vr
+
+
+# ---------------------------------------------------------------- target sparsity
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_target_sparsity(target):
+    model = _randomise_bn(build_model("vgg11_bn_cifar", in_channels=1, num_classes=10, width=0.25))
+    rep = netfold.fold(model, netfold.FoldConfig(target_sparsity=target, repair="none", n_init=1, max_iter=5))
+    assert abs(rep.sparsity - target) < 0.01, rep.sparsity
+
+
+def test_per_layer_ratios_and_skip():
+    model = _randomise_bn(build_model("vgg11_bn_cifar", in_channels=1, num_classes=10, width=0.25))
+    x = torch.randn(2, 1, 32, 32)
+    rep = netfold.fold(
+        model,
+        netfold.FoldConfig(ratio=0.5, ratios={"features.0": 0.25}, skip=("classifier.*",), n_init=1),
+        example_inputs=x,
+    )
+    widths = {g.name: (g.width_before, g.width_after) for g in rep.groups}
+    first = next(iter(widths))
+    assert widths[first] == (16, 12)
+    for name, (b, a) in widths.items():
+        if name.startswith("classifier"):
+            assert a == b
+        elif name != first:
+            assert a == round(b * 0.5)
+
+
+# ---------------------------------------------------------------- bad input changes nothing
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent control flow
+            h = h.relu()
+        return self.out(h)
+
+
+@pytest.mark.parametrize(
+    "make_cfg, kwargs, exc, words",
+    [
+        (lambda: netfold.FoldConfig(ratio=1.0), {}, ValueError, "ratio"),
+        (lambda: netfold.FoldConfig(ratio=-0.1), {}, ValueError, "ratio"),
+        (lambda: netfold.FoldConfig(method="nope"), {}, ValueError, "method"),
+        (lambda: netfold.FoldConfig(repair="nope"), {}, ValueError, "repair"),
+        (lambda: netfold.FoldConfig(min_channels=0), {}, ValueError, "min_channels"),
+        (lambda: netfold.FoldConfig(repair="data"), {}, ValueError, "data"),
+        (lambda: netfold.FoldConfig(target_sparsity=0.999), {}, ValueError, "unreachable"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(make_cfg, kwargs, exc, words):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc, match=words):
+        netfold.fold(model, make_cfg(), example_inputs=torch.randn(2, 20), **kwargs)
+    assert _state_equal(model.state_dict(), before)
+
+
+def test_nan_weights_rejected():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"2\.weight.*NaN"):
+        netfold.fold(model, netfold.FoldConfig(ratio=0.5))
+    assert all(torch.equal(a, b) or torch.isnan(a).any() for a, b in zip(model.state_dict().values(), before.values()))
+    assert model[0].out_features == 64
+
+
+def test_untraceable_model_raises_type_error():
+    model = _Untraceable()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="cannot trace"):
+        netfold.fold(model, netfold.FoldConfig(ratio=0.5), example_inputs=torch.randn(2, 4))
+    assert _state_equal(model.state_dict(), before)
+
+
+def test_dir_without_batchnorm_rejected():
+    model = _mlp()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        netfold.fold(model, netfold.FoldConfig(repair="dir"))
+
+
+def test_failure_during_write_rolls_back(monkeypatch):
+    """An exception after the write started restores every tensor and width."""
+    import netfold.api as api
+
+    model = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.125))
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(8, 1, 32, 32)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure during repair")
+
+    monkeypatch.setattr(api, "repair_with_batch", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="data", n_init=1), example_inputs=x[:2], data=x)
+    assert _state_equal(model.state_dict(), before)
+    assert model(x).shape == (8, 10)
+    assert model.conv1.out_channels == 8
+
+
+def test_unknown_op_freezes_group_and_reports_it():
+    class WithCat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(6, 8)
+            self.c = nn.Linear(6, 8)
+            self.d = nn.Linear(8, 8)
+            self.out = nn.Linear(24, 3)
+
+        def forward(self, x):
+            h = torch.cat([self.a(x), self.b(x), self.d(torch.relu(self.c(x)))], dim=1)
+            return self.out(torch.relu(h))
+
+    model = WithCat().eval()
+    rep = netfold.fold(model, netfold.FoldConfig(ratio=0.5, n_init=1), example_inputs=torch.randn(2, 6))
+    skipped = dict(rep.skipped)
+    assert "cat" in skipped["a"]
+    assert model.a.out_features == 8 and model.out.in_features == 24
+    assert model.c.out_features == 4 and model.d.in_features == 4  # c's group is independent
+    assert model(torch.randn(3, 6)).shape == (3, 3)

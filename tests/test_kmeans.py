@@ -1,0 +1,219 @@
+"""Tests for netfold.fold.kmeans (k-means++ seeding, Lloyd, exact Gram reduction, projection)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from netfold.fold.kmeans import KMeansResult, _kmeans, kmeans
+
+
+def _blobs(n_per: int, k: int, d: int, spread: float, noise: float, seed: int):
+    """``k`` Gaussian blobs of ``n_per`` points each; returns X (k*n_per, d) and true labels."""
+    g = torch.Generator().manual_seed(seed)
+    centers = spread * torch.randn(k, d, generator=g)
+    labels = torch.arange(k).repeat_interleave(n_per)
+    X = centers[labels] + noise * torch.randn(k * n_per, d, generator=g)
+    perm = torch.randperm(k * n_per, generator=g)
+    return X[perm], labels[perm]
+
+
+def _check_result(res: KMeansResult, X: torch.Tensor, k: int) -> None:
+    """Invariants every result must satisfy: shapes, k non-empty clusters, exact means/inertia."""
+    n, d = X.shape
+    assert res.labels.shape == (n,) and res.labels.dtype == torch.int64
+    assert res.centers.shape == (k, d) and res.centers.dtype == X.dtype
+    assert int(res.labels.min()) >= 0 and int(res.labels.max()) < k
+    assert bool((torch.bincount(res.labels, minlength=k) > 0).all())
+    X64 = X.double()
+    lab = res.labels
+    means = torch.zeros(k, d, dtype=torch.float64).index_add_(0, lab, X64)
+    means /= torch.bincount(lab, minlength=k).double().unsqueeze(1)
+    scale = float(X64.abs().max()) + 1.0
+    torch.testing.assert_close(res.centers.double(), means, rtol=1e-5, atol=1e-5 * scale)
+    inertia = float(((X64 - means[lab]) ** 2).sum())
+    assert res.inertia == pytest.approx(inertia, rel=1e-5, abs=1e-6 * scale**2)
+
+
+def test_deterministic_for_a_seed():
+    X = torch.randn(400, 30, generator=torch.Generator().manual_seed(1))
+    a = kmeans(X, 25, n_init=3, seed=7)
+    b = kmeans(X, 25, n_init=3, seed=7)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.centers, b.centers)
+    assert a.inertia == b.inertia and a.n_iter == b.n_iter
+    # A different seed runs a different search (it may or may not find the same partition).
+    c = kmeans(X, 25, n_init=1, seed=8)
+    _check_result(c, X, 25)
+    seeds = [kmeans(X, 25, n_init=1, seed=s).labels for s in range(4)]
+    assert any(not torch.equal(seeds[0], other) for other in seeds[1:])
+
+
+def test_recovers_planted_clusters_exactly():
+    X, truth = _blobs(n_per=30, k=8, d=16, spread=10.0, noise=0.5, seed=0)
+    res = kmeans(X, 8, seed=0)
+    _check_result(res, X, 8)
+    assert adjusted_rand_score(truth.numpy(), res.labels.numpy()) == 1.0
+
+
+def test_recovers_planted_clusters_wide_gram_path():
+    # d > n: the exact Gram (row-space) path.
+    X, truth = _blobs(n_per=10, k=12, d=600, spread=1.0, noise=0.3, seed=3)
+    res = kmeans(X, 12, seed=0)
+    _check_result(res, X, 12)
+    assert adjusted_rand_score(truth.numpy(), res.labels.numpy()) == 1.0
+
+
+def test_objective_close_to_sklearn():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1000, 20, generator=g, dtype=torch.float64)
+    ours = kmeans(X, 40, n_init=10, max_iter=100, seed=0)
+    _check_result(ours, X, 40)
+    sk = KMeans(n_clusters=40, n_init=10, random_state=0).fit(X.numpy())
+    assert ours.inertia <= 1.01 * sk.inertia_
+
+
+def test_objective_close_to_sklearn_wide():
+    # Folding-like shape: fewer points than features, k ~ n / 2 (Gram path).
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(200, 500, generator=g)
+    ours = kmeans(X, 100, n_init=10, seed=0)
+    _check_result(ours, X, 100)
+    sk = KMeans(n_clusters=100, n_init=10, random_state=0).fit(X.numpy())
+    assert ours.inertia <= 1.01 * sk.inertia_
+
+
+def test_k_equals_n_is_identity():
+    X = torch.randn(17, 5, generator=torch.Generator().manual_seed(2))
+    res = kmeans(X, 17)
+    assert torch.equal(res.labels, torch.arange(17))
+    assert torch.equal(res.centers, X)
+    assert res.inertia == 0.0
+
+
+def test_k_equals_one():
+    X = torch.randn(50, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    res = kmeans(X, 1)
+    assert torch.equal(res.labels, torch.zeros(50, dtype=torch.long))
+    torch.testing.assert_close(res.centers, X.mean(dim=0, keepdim=True))
+    assert res.inertia == pytest.approx(float(((X - X.mean(0)) ** 2).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("d", [3, 40])  # direct path and Gram path
+def test_empty_clusters_are_filled_with_duplicates(d: int):
+    # 4 distinct points repeated 10 times each, k = 7 > 4 distinct points.
+    base = torch.randn(4, d, generator=torch.Generator().manual_seed(4))
+    X = base.repeat(10, 1)
+    for init in ("k-means++", "random"):
+        res = kmeans(X, 7, n_init=2, seed=0, init=init)
+        _check_result(res, X, 7)
+        # Every cluster holds copies of one distinct point: zero inertia.
+        assert res.inertia == pytest.approx(0.0, abs=1e-6)
+
+
+def test_all_points_identical():
+    X = torch.ones(20, 8)
+    res = kmeans(X, 5, seed=0)
+    _check_result(res, X, 5)
+    assert res.inertia == 0.0
+
+
+def test_exact_reduction_matches_unreduced_clustering():
+    # Same problem solved on the centered points (direct) and through the n x n Gram matrix.
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(150, 400, generator=g, dtype=torch.float64)
+    common = dict(n_init=3, max_iter=30, tol=1e-4, seed=0, projection_dim=None, init="k-means++")
+    direct = _kmeans(X, 30, space="direct", **common)
+    gram = _kmeans(X, 30, space="gram", **common)
+    assert torch.equal(direct.labels, gram.labels)
+    assert gram.inertia == pytest.approx(direct.inertia, rel=1e-9)
+    torch.testing.assert_close(gram.centers, direct.centers)
+    # The public entry point takes the Gram path here (d > n) and agrees as well.
+    auto = kmeans(X, 30, n_init=3, max_iter=30, seed=0)
+    assert torch.equal(auto.labels, gram.labels)
+
+
+def test_isometric_embedding_gives_same_clustering():
+    # Rotating 60-d points into 300 dims (d > n: Gram path) preserves all distances.
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(120, 60, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(300, 60, generator=g, dtype=torch.float64))
+    low = kmeans(X, 20, n_init=2, seed=0)
+    high = kmeans(X @ Q.T, 20, n_init=2, seed=0)
+    assert torch.equal(low.labels, high.labels)
+    assert high.inertia == pytest.approx(low.inertia, rel=1e-9)
+
+
+def test_random_projection_gives_exact_centers_and_good_objective():
+    X, truth = _blobs(n_per=8, k=25, d=2000, spread=1.0, noise=0.5, seed=8)
+    exact = kmeans(X, 25, n_init=2, seed=0)
+    proj = kmeans(X, 25, n_init=2, seed=0, projection_dim=64)
+    _check_result(proj, X, 25)
+    assert adjusted_rand_score(truth.numpy(), proj.labels.numpy()) == 1.0
+    assert proj.inertia <= 1.001 * exact.inertia
+    again = kmeans(X, 25, n_init=2, seed=0, projection_dim=64)
+    assert torch.equal(proj.labels, again.labels)
+    auto = kmeans(X, 25, n_init=2, seed=0, projection_dim="auto")  # Gram applies -> exact
+    assert torch.equal(auto.labels, exact.labels)
+
+
+def test_float64_and_half_inputs():
+    X = torch.randn(120, 10, generator=torch.Generator().manual_seed(9))
+    r64 = kmeans(X.double(), 6, n_init=2)
+    _check_result(r64, X.double(), 6)
+    r16 = kmeans(X.to(torch.bfloat16), 6, n_init=2)
+    assert r16.centers.dtype == torch.bfloat16
+    assert bool((torch.bincount(r16.labels, minlength=6) > 0).all())
+
+
+def test_iteration_budget_and_tolerance():
+    X = torch.randn(500, 8, generator=torch.Generator().manual_seed(10))
+    one = kmeans(X, 10, n_init=1, max_iter=1)
+    assert one.n_iter == 1
+    full = kmeans(X, 10, n_init=1, max_iter=200, tol=0.0)
+    assert full.n_iter <= 200 and full.inertia <= one.inertia
+    assert math.isfinite(full.inertia)
+
+
+@pytest.mark.parametrize(
+    ("X", "k", "kwargs"),
+    [
+        (torch.randn(10, 3), 0, {}),
+        (torch.randn(10, 3), 11, {}),
+        (torch.randn(10, 3), -1, {}),
+        (torch.randn(10, 3), 2.0, {}),
+        (torch.randn(10, 3), True, {}),
+        (torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 1.0]]), 2, {}),
+        (torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [1.0, 1.0]]), 2, {}),
+        (torch.randn(10), 2, {}),
+        (torch.randn(2, 3, 4), 2, {}),
+        (torch.randint(0, 5, (10, 3)), 2, {}),
+        (torch.randn(0, 3), 1, {}),
+        (torch.randn(10, 3), 2, {"n_init": 0}),
+        (torch.randn(10, 3), 2, {"max_iter": 0}),
+        (torch.randn(10, 3), 2, {"tol": -1.0}),
+        (torch.randn(10, 3), 2, {"projection_dim": 0}),
+        (torch.randn(10, 3), 2, {"projection_dim": "fast"}),
+        (torch.randn(10, 3), 2, {"init": "kmeans||"}),
+    ],
+)
+def test_bad_inputs_raise_value_error(X, k, kwargs):
+    with pytest.raises(ValueError):
+        kmeans(X, k, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    X, truth = _blobs(n_per=10, k=30, d=500, spread=1.0, noise=0.4, seed=11)
+    cpu = kmeans(X, 30, n_init=2, seed=0)
+    gpu = kmeans(X.cuda(), 30, n_init=2, seed=0)
+    assert gpu.labels.device.type == "cuda"
+    assert adjusted_rand_score(cpu.labels.numpy(), gpu.labels.cpu().numpy()) == 1.0
+    assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-4)
+    again = kmeans(X.cuda(), 30, n_init=2, seed=0)
+    assert torch.equal(gpu.labels, again.labels)
