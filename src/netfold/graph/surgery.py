@@ -39,9 +39,9 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
         old = module._parameters[name]
         requires_grad = old.requires_grad if old is not None else True
-        module._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=requires_grad)
+        module._parameters[name] = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
     elif name in module._buffers:
-        module._buffers[name] = value.detach().clone()
+        module._buffers[name] = value.detach().clone(memory_format=torch.contiguous_format)
     else:
         raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
 
