@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from netfold.fuse import FuseConfig, format_decision_log, fuse, verify_equivalence
@@ -228,6 +229,36 @@ def test_bn1d_folds_forward_into_linear():
     torch.manual_seed(0)
     m = randomize_bn(_BNThen(nn.Linear(10, 4), nn.BatchNorm1d(10))).eval()
     check_fuse_exact(m, torch.randn(5, 10), dtype=torch.float64)
+
+
+class _SamePadConv(nn.Conv2d):
+    """TF-style "same" conv: a ZeroPad2d child module, then an unpadded convolution."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, pad: tuple[int, int, int, int]) -> None:
+        super().__init__(c_in, c_out, k)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize(("pad", "fused"), [((1, 1, 2, 2), True), ((0, 1, 0, 1), False)])
+def test_zero_pad_module_folds_into_conv_padding_when_symmetric(pad, fused):
+    torch.manual_seed(0)
+    m = nn.Sequential(_SamePadConv(3, 4, 3, pad), nn.ReLU()).eval().double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    ref = _out(m, x)
+    rep = fuse(m, example_inputs=x)
+    (d,) = rep.log
+    assert d["kind"] == "pad_conv"
+    if fused:
+        assert d["status"] == "applied"
+        assert isinstance(m[0], _SamePadConv) and m[0].padding == (2, 1)
+        assert isinstance(m[0].static_padding, nn.Identity)
+        assert_equivalent(m, ref, x, rtol=1e-10)
+    else:
+        assert d["status"] == "rejected" and "asymmetric" in d["reason"]
+        assert isinstance(m[0].static_padding, nn.ZeroPad2d)
 
 
 # ---- nothing nonlinear is fused across; nothing to fuse -> unchanged, empty log ---------------
@@ -543,7 +574,9 @@ def test_real_efficientnet_lite0_fuses_within_tolerance():
     x = lm.example_inputs(1)
     ref = _out(lm.model, x)
     rep = fuse(lm.model, example_inputs=x)
-    assert rep.extra["fusions_applied"] == 50  # 49 Conv+BN pairs + the classifier dropout
+    kinds = [d["kind"] for d in _applied(rep)]
+    assert kinds.count("conv_bn") == 49 and kinds.count("dropout") == 1
+    assert kinds.count("pad_conv") == 12  # stride-1 depthwise convs; stride-2 pads are asymmetric
     assert rep.extra["rolled_back"] == 0
     assert rep.extra["max_rel_err"] < 1e-5  # measured 1.4e-6
     assert rep.extra["max_rel_err_float64"] < 1e-12  # measured 2.3e-15

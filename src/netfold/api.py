@@ -90,7 +90,6 @@ def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str,
                 s[1] = k * c.repeat
     total = 0
     seen: set[int] = set()
-    owners = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     by_id: dict[int, tuple[str, str]] = {}
     for mname, mod in model.named_modules():
         for tname, p in mod._parameters.items():
@@ -103,7 +102,6 @@ def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str,
         key = by_id.get(id(p))
         s = shapes.get(key) if key else None
         total += math.prod(s) if s is not None else p.numel()
-    del owners
     return total
 
 
@@ -204,7 +202,8 @@ def fold(
         groups = find_groups(model, example_inputs)
     widths = plan_widths(model, groups, config)
     params_before = count_params(model)
-    flops_before = count_flops(model, example_inputs)
+    one = tuple(t[:1] for t in example_inputs)  # FLOPs are reported per input sample
+    flops_before = count_flops(model, one)
 
     todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
     mode = "ar" if config.repair == "ar" else "naive"
@@ -254,7 +253,7 @@ def fold(
         params_before=params_before,
         params_after=count_params(model),
         flops_before=flops_before,
-        flops_after=count_flops(model, example_inputs),
+        flops_after=count_flops(model, one) if todo else flops_before,
         config=config.to_dict(),
     )
     for g in groups:

@@ -26,7 +26,7 @@ class Report:
     Attributes:
         operation: "fold", "fuse", "collapse", ...
         params_before / params_after: parameter counts (shared tensors counted once).
-        flops_before / flops_after: forward FLOPs on the example input (None when no input given).
+        flops_before / flops_after: forward FLOPs for one input sample (None when not measured).
         seconds: wall time of the operation.
         groups: per channel group widths.
         skipped: (group or module, reason) for everything left alone.

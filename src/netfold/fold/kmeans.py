@@ -32,8 +32,13 @@ clusters. The feature matrices are short and very wide: a LLaMA-7B MLP group is 
 
 Centers and inertia are always computed exactly in the original feature space at the end.
 Everything random comes from one CPU ``torch.Generator`` seeded with ``seed``, so labels are
-reproducible for a given seed (bit-for-bit on CPU; on CUDA the cluster sums use a float64
-one-hot matmul instead of atomic ``index_add_`` so they do not depend on thread timing).
+reproducible for a given seed (bit-for-bit on CPU with the same thread settings; on CUDA the
+Gram form runs in float64 and cluster sums use a one-hot matmul instead of atomic
+``index_add_``, so they do not depend on thread timing).
+
+Threads: on CPU the sequential parts (k-means++ steps, Gram-form Lloyd iterations, whole small
+problems) run with ``torch.set_num_threads(1)`` temporarily (see ``_SerialCPU``); large matmuls
+(the Gram matrix, big direct problems) use the caller's setting.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ _REFINE_ROUNDS = 10
 _INITS = ("k-means++", "random")
 # Direct form on CPU: seeding and Lloyd run on one thread when n * k * p is at most this.
 _SERIAL_MAX_WORK = 1 << 28
+# CPU problems with at most this many input elements (n * d) run entirely on one thread.
+_SERIAL_MAX_ELEMS = 1 << 22
 
 
 @dataclass
@@ -128,6 +135,10 @@ def kmeans(
     inertia returned are exact for the clustering found. ``p >= d`` means the exact path.
     ``projection_dim="auto"`` is exact whenever the Gram path applies or ``d <= 1024``, and
     otherwise projects to 256 dims.
+
+    On CPU, seeding and Gram-form iterations (and whole problems with ``n * d <= 2**22``)
+    temporarily run with ``torch.set_num_threads(1)``: they are sequences of small ops for which
+    thread barriers cost more than they gain, badly so on a busy machine.
 
     Args:
         X: ``(n, d)`` floating tensor (float32 or float64; float16/bfloat16 are computed in
@@ -194,6 +205,34 @@ def _kmeans(
     gen.manual_seed(int(seed))
     use_gram = _use_gram(n, d, k, n_init, max_iter) if space == "auto" else space == "gram"
     p = _resolve_projection(projection_dim, d, use_gram)
+    # Small problems run entirely on one CPU thread (see _SerialCPU).
+    with _serial_cpu(device.type == "cpu" and n * d <= _SERIAL_MAX_ELEMS):
+        labels, centers_c, inertia, n_iter, mean = _search(
+            Xw, k, gen, use_gram, p, n_init, max_iter, tol, init
+        )
+    centers = (centers_c + mean).to(X.dtype)
+    return KMeansResult(labels=labels, centers=centers, inertia=inertia, n_iter=n_iter)
+
+
+def _search(
+    Xw: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    use_gram: bool,
+    p: int | None,
+    n_init: int,
+    max_iter: int,
+    tol: float,
+    init: str,
+) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
+    """The ``n_init`` runs on ``Xw`` ``(n, d)`` (float32/64) with ``1 < k < n``.
+
+    Returns:
+        labels ``(n,)``, centered exact centers ``(k, d)``, exact inertia, iterations of the best
+        run and the mean ``(1, d)`` that was subtracted.
+    """
+    n, d = Xw.shape
+    device = Xw.device
     mean = Xw.mean(dim=0, keepdim=True)
     Xc = Xw - mean  # (n, d); every distance is translation invariant
 
@@ -224,8 +263,7 @@ def _kmeans(
                     best_p = (inertia, labels, centers_c, n_iter + n_ref)
         assert best_p is not None
         inertia, labels, centers_c, n_iter = best_p
-    centers = (centers_c + mean).to(X.dtype)
-    return KMeansResult(labels=labels, centers=centers, inertia=inertia, n_iter=n_iter)
+    return labels, centers_c, inertia, n_iter, mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,12 +356,20 @@ def _row_sqnorms(Z: torch.Tensor) -> torch.Tensor:
 def _cluster_sums(Z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """``(k, p)`` per-cluster sums of the rows of ``Z`` ``(n, p)`` (``U^T Z``).
 
-    CPU uses ``index_add_`` (deterministic there); CUDA uses a float64 one-hot matmul, which is
-    deterministic and exact in its 0/1 weights, instead of atomic adds.
+    CPU uses ``index_add_`` (deterministic there); CUDA uses :func:`_onehot_sums` instead of
+    atomic adds, whose summation order depends on thread timing.
+    """
+    if Z.device.type == "cuda":
+        return _onehot_sums(Z, labels, k)
+    return torch.zeros(k, Z.shape[1], dtype=Z.dtype, device=Z.device).index_add_(0, labels, Z)
+
+
+def _onehot_sums(Z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(k, p)`` per-cluster sums as a float64 one-hot matmul, in blocks of clusters.
+
+    Deterministic (no atomics) and exact in its 0/1 weights; the result has ``Z``'s dtype.
     """
     n, p = Z.shape
-    if Z.device.type != "cuda":
-        return torch.zeros(k, p, dtype=Z.dtype, device=Z.device).index_add_(0, labels, Z)
     Z64 = Z.double()
     out = torch.empty(k, p, dtype=Z.dtype, device=Z.device)
     step = max(1, _BLOCK_ELEMS // n)
@@ -342,7 +388,7 @@ def _cluster_means(Z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
 
 
 def _inertia(X: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> float:
-    """Exact ``sum_i ||X_i - centers[labels_i]||^2`` (float64 accumulation), chunked by rows.
+    """``sum_i ||X_i - centers[labels_i]||^2``, row sums in X's dtype, total in float64.
 
     Args:
         X: ``(n, d)`` points; labels: ``(n,)``; centers: ``(k, d)``.
@@ -428,6 +474,10 @@ class _GramSpace:
     """
 
     def __init__(self, Xc: torch.Tensor) -> None:
+        if Xc.device.type == "cuda":
+            # On GPUs keep the kernel form in float64: exact one-hot cluster sums need it anyway
+            # (see _cluster_sums) and the n x n work is cheap there.
+            Xc = Xc.double()
         self.G = _gram(Xc)
         self.g = torch.diagonal(self.G).clone()  # (n,) squared norms
         self.n = Xc.shape[0]

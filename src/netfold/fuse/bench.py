@@ -72,6 +72,7 @@ def benchmark_paths(
     model_name: str = "model",
     fuse_config: FuseConfig | None = None,
     log: Callable[[str], None] | None = print,
+    before_timing: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the latency of ``paths`` for each batch size, interleaved within a batch size.
 
@@ -86,6 +87,8 @@ def benchmark_paths(
         model_name: label in the results.
         fuse_config: config for the fused copies (``FuseConfig()`` if None).
         log: progress messages (None: silent).
+        before_timing: called right before each batch size's timed rounds (e.g. to wait for a
+            shared machine to quieten down).
 
     Returns:
         A JSON-serialisable dict: machine and versions, threads, per-base params/FLOPs and fuse
@@ -187,7 +190,10 @@ def benchmark_paths(
                     out = fns[path]()
                 got = out if isinstance(out, torch.Tensor) else _first_output(out)
                 errors[path] = float((got.double() - refs[variant].double()).abs().max())
+            if before_timing is not None:
+                before_timing()
             say(f"[{model_name}] b{batch} timing {len(fns)} paths x {repeats} rounds ...")
+            load_before = _loadavg()
             stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, threads=threads)
             lat = {p: s.to_dict() for p, s in stats.items()}
             base_ms = lat.get("eager", {}).get("median_ms")
@@ -198,6 +204,8 @@ def benchmark_paths(
                 ),
                 "max_abs_err": errors,
                 "flops": flops,
+                "loadavg_before_timing": load_before,
+                "loadavg_after_timing": _loadavg(),
             }
     finally:
         if inductor_config is not None and old_freezing is not None:
@@ -206,6 +214,13 @@ def benchmark_paths(
             tmp.cleanup()
     result["machine"]["loadavg_end"] = machine_info().get("loadavg_1_5_15")
     return result
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _label(variant: str | None, is_fused: bool) -> str:

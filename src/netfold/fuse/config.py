@@ -37,6 +37,8 @@ class FuseConfig(_JSONMixin):
         norm_into_linear: fold the elementwise weight (and bias) of an RMSNorm / LayerNorm into
             the Linear layers that consume its output (HF q/k/v and gate/up projections); the norm
             keeps a unit weight (and zero bias).
+        pad_conv: fold a symmetric zero-padding module (``nn.ZeroPad2d``, ``nn.ConstantPad2d(0)``,
+            e.g. TF-style "same" convs) into the Conv's own padding; the pad becomes Identity.
         remove_dropout: replace Dropout modules with ``nn.Identity`` (exact at eval).
         verify: compare the fused model with the original on the example inputs and roll back
             any fusion that exceeds the tolerances.
@@ -55,6 +57,7 @@ class FuseConfig(_JSONMixin):
     linear_chain: bool = True
     allow_growth: bool = False
     norm_into_linear: bool = True
+    pad_conv: bool = True
     remove_dropout: bool = True
     verify: bool = True
     float64: bool = True
@@ -73,6 +76,7 @@ class FuseConfig(_JSONMixin):
             "linear_chain",
             "allow_growth",
             "norm_into_linear",
+            "pad_conv",
             "remove_dropout",
             "verify",
             "float64",

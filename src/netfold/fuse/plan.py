@@ -47,7 +47,7 @@ class Fusion:
 
     Attributes:
         kind: "conv_bn", "linear_bn", "bn_conv", "bn_linear", "linear_chain", "norm_linear",
-            "dropout".
+            "pad_conv", "dropout".
         modules: qualified module names in dataflow order.
         build: pure function of a module lookup (``name -> module`` in the model being rewritten:
             the model itself or its float64 twin) returning ``[(name, new_module), ...]``.
@@ -227,10 +227,6 @@ def _bn_ok(ctx: _Ctx, name: str, t_in: torch.Tensor) -> tuple[OpRecord | None, s
     if op.arg(0, "input") is not t_in:
         return None, f"{name!r} normalises something other than the producer's output"
     return op, ""
-
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 # ---- Conv/Linear -> BatchNorm, and Linear chains ------------------------------------------
@@ -744,6 +740,100 @@ def _plan_norms(ctx: _Ctx, order: list[str]) -> None:
         )
 
 
+# ---- zero-padding module -> Conv padding -------------------------------------------------------
+
+_PADS = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
+
+
+def _pad_problem(
+    ctx: _Ctx, pad: str, conv: str, op: OpRecord, readers: list[OpRecord]
+) -> str | None:
+    why = ctx.problem((pad, conv))
+    if why:
+        return why
+    pm, cm = ctx.mods[pad], ctx.mods[conv]
+    if float(pm.value) != 0.0:
+        return f"{pad} pads with {pm.value}, not zero"
+    if cm.padding_mode != "zeros":
+        return f"{conv} pads with mode {cm.padding_mode!r}"
+    if len(readers) != 1:
+        return (
+            f"the output of {pad} is also read by {_describe([r for r in readers if r is not op])}"
+        )
+    if ctx.is_output(ctx.rec.output_key(pad)):
+        return f"the output of {pad} is a model output"
+    core, why = ctx.core_op(conv, _CONV_OPS)
+    if core is None:
+        return why
+    if core is not op or core.arg(0, "input") is not ctx.rec.output_of(pad):
+        return f"{conv} transforms the padded input before the convolution"
+    if isinstance(cm.padding, str) and cm.padding != "valid":
+        return f"{conv} uses padding={cm.padding!r}"
+    p = pm.padding  # (left, right, top, bottom, ...) from the last dim backwards
+    if len(p) != 2 * (cm.weight.dim() - 2):
+        return f"{pad} pads {len(p) // 2} dims, the conv has {cm.weight.dim() - 2}"
+    if any(p[2 * i] != p[2 * i + 1] for i in range(len(p) // 2)):
+        return f"asymmetric padding {tuple(p)} cannot become Conv padding"
+    return None
+
+
+def _conv_with_padding(conv: nn.Module, pad_name_in_conv: str | None, extra: tuple[int, ...]):
+    """A copy of ``conv`` with ``extra`` zero padding added (per spatial dim, first dim first)."""
+    new = F_.clone_with(conv)
+    old = (0,) * len(extra) if isinstance(conv.padding, str) else tuple(conv.padding)
+    new.padding = tuple(a + b for a, b in zip(old, extra))
+    if pad_name_in_conv:  # the pad module lives inside the conv (TF-style "same" convs)
+        parent_name, _, attr = pad_name_in_conv.rpartition(".")
+        parent = new.get_submodule(parent_name) if parent_name else new
+        setattr(parent, attr, nn.Identity())
+    return new
+
+
+def _plan_pad_conv(ctx: _Ctx, order: list[str]) -> None:
+    for pad in order:
+        pm = ctx.mods.get(pad)
+        if pm is None or pad in ctx.claimed or type(pm) not in _PADS:
+            continue
+        readers = ctx.readers(ctx.rec.output_key(pad))
+        op = next(
+            (
+                r
+                for r in readers
+                if r.name in _CONV_OPS and isinstance(ctx.mods.get(r.module or ""), _CONVS)
+            ),
+            None,
+        )
+        if op is None:
+            continue
+        conv = op.module
+        mods = (pad, conv)
+        if ("pad_conv", mods) in ctx.blocked:
+            continue
+        if conv in ctx.claimed:
+            ctx.deferred = True
+            continue
+        why = _pad_problem(ctx, pad, conv, op, readers)
+        if why is not None:
+            ctx.reject("pad_conv", mods, why)
+            continue
+        p = ctx.mods[pad].padding
+        extra = tuple(p[2 * i] for i in reversed(range(len(p) // 2)))  # first spatial dim first
+        inside = pad[len(conv) + 1 :] if pad.startswith(conv + ".") else None
+
+        def build(get: Get, pad=pad, conv=conv, extra=extra, inside=inside):
+            new = _conv_with_padding(get(conv), inside, extra)
+            return [(conv, new)] if inside else [(pad, nn.Identity()), (conv, new)]
+
+        ctx.add(Fusion("pad_conv", mods, build, f"zero padding {extra} -> conv padding"))
+
+
 def plan_fusions(
     model: nn.Module,
     rec: Recording,
@@ -772,4 +862,6 @@ def plan_fusions(
         _plan_bn_forward(ctx, order)
     if config.norm_into_linear:
         _plan_norms(ctx, order)
+    if config.pad_conv:
+        _plan_pad_conv(ctx, order)
     return ctx.fusions, ctx.rejections, ctx.deferred

@@ -186,6 +186,8 @@ class Recording:
     version: dict[int, int] = field(default_factory=dict)
     model_outputs: set[Key] = field(default_factory=set)
     keep: list[Any] = field(default_factory=list)
+    _by_module: dict[str | None, list[OpRecord]] = field(default_factory=dict, repr=False)
+    _by_module_n: list[int] = field(default_factory=list, repr=False)  # ops indexed so far
 
     def key(self, t: torch.Tensor) -> Key:
         """The key of the value ``t`` holds now (at the end of the recording)."""
@@ -207,7 +209,12 @@ class Recording:
 
     def ops_in(self, module: str) -> list[OpRecord]:
         """The ops whose innermost running module is ``module``."""
-        return [op for op in self.ops if op.module == module]
+        if len(self._by_module_n) != 1 or self._by_module_n[0] != len(self.ops):
+            self._by_module.clear()
+            for op in self.ops:
+                self._by_module.setdefault(op.module, []).append(op)
+            self._by_module_n[:] = [len(self.ops)]
+        return self._by_module.get(module, [])
 
     def uses(self, key: Key | None) -> list[OpRecord]:
         """Every recorded op that read the value ``key``."""
