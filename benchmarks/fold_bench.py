@@ -79,7 +79,9 @@ def time_full_resnet18(repeats: int = 3) -> dict:
             times.append(time.perf_counter() - t)
         m = copy.deepcopy(base)
         t = time.perf_counter()
-        netfold.fold(m, netfold.FoldConfig(ratio=0.5, repair=repair), example_inputs=x, groups=groups)
+        netfold.fold(
+            m, netfold.FoldConfig(ratio=0.5, repair=repair), example_inputs=x, groups=groups
+        )
         out[repair] = {
             "seconds_median": sorted(times)[len(times) // 2],
             "seconds_all": times,
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         dense_acc = evaluate_accuracy(model, x_test, y_test)
         entry = {
             "checkpoint": Path(info["path"]).name,
-            "train_info": {k: info.get(k) for k in ("model_kwargs", "epochs", "train_time_s", "test_accuracy")},
+            "train_info": {
+                k: info.get(k) for k in ("model_kwargs", "epochs", "train_time_s", "test_accuracy")
+            },
             "dense": {"accuracy": dense_acc, "params": sum(p.numel() for p in model.parameters())},
             "runs": [],
         }
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             synthetic = synthesize(
                 model,
                 tuple(calib.shape[1:]),
-                netfold.DeepInversionConfig(steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed),
+                netfold.DeepInversionConfig(
+                    steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
+                ),
                 progress=False,
             )
             entry["deep_inversion_seconds"] = time.perf_counter() - t
@@ -172,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = entry
     if not args.skip_timing:
         results["full_resnet18_fold_time"] = time_full_resnet18()
-        print("full-width ResNet18 fold time:", json.dumps(results["full_resnet18_fold_time"]), flush=True)
+        print(
+            "full-width ResNet18 fold time:",
+            json.dumps(results["full_resnet18_fold_time"]),
+            flush=True,
+        )
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"none": "Fold-naive", "ar": "Fold-AR (data-free)", "dir": "Fold-DIR (data-free)", "data": "Fold-R (512 images)"}
+LABELS = {
+    "none": "Fold-naive",
+    "ar": "Fold-AR (data-free)",
+    "dir": "Fold-DIR (data-free)",
+    "data": "Fold-R (512 images)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
     lines = [
-        f"# Folding Fashion-MNIST CNNs without fine-tuning\n",
+        "# Folding Fashion-MNIST CNNs without fine-tuning\n",
         f"From `{res['command']}` (git {res['git']}, {res['date']}, {res['machine']['cpu']}, "
         f"{res['machine']['cores']} cores). Accuracy on {res['n_test']} test images; variance ratio "
         "of the classifier input on 512 of them; fold time includes tracing and FLOP counting.\n",
@@ -44,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.axhline(100 * dense, color="k", ls="--", lw=1, label=f"dense {100 * dense:.2f}%")
         repairs = list(dict.fromkeys(r["repair"] for r in entry["runs"]))
         for rep in repairs:
-            rows = sorted((r for r in entry["runs"] if r["repair"] == rep), key=lambda r: r["sparsity"])
+            rows = sorted(
+                (r for r in entry["runs"] if r["repair"] == rep), key=lambda r: r["sparsity"]
+            )
             xs = [100 * r["sparsity"] for r in rows]
             ax.plot(xs, [100 * r["accuracy"] for r in rows], "o-", label=LABELS.get(rep, rep))
             axv.plot(xs, [r["variance_ratio_last"] for r in rows], "o-", label=LABELS.get(rep, rep))
@@ -59,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         axv.set_ylabel("variance ratio, last layer")
         axv.grid(alpha=0.3)
 
-        lines.append(f"\n## {name}: dense {100 * dense:.2f}%, {entry['dense']['params']:,} parameters\n")
+        lines.append(
+            f"\n## {name}: dense {100 * dense:.2f}%, {entry['dense']['params']:,} parameters\n"
+        )
         if "deep_inversion_seconds" in entry:
-            lines.append(f"Deep Inversion batch synthesised once in {entry['deep_inversion_seconds']:.0f} s.\n")
+            lines.append(
+                f"Deep Inversion batch synthesised once in {entry['deep_inversion_seconds']:.0f} s.\n"
+            )
         lines.append("| repair | ratio | sparsity | accuracy | variance ratio | fold time |")
         lines.append("|---|---|---|---|---|---|")
         for r in entry["runs"]:
@@ -71,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "full_resnet18_fold_time" in res:
         t = res["full_resnet18_fold_time"]
-        lines.append(f"\n## Fold time, full-width CIFAR ResNet18 ({t['params']:,} params, ratio 0.5)\n")
+        lines.append(
+            f"\n## Fold time, full-width CIFAR ResNet18 ({t['params']:,} params, ratio 0.5)\n"
+        )
         for rep in ("none", "ar"):
             lines.append(
                 f"- repair={rep}: median {t[rep]['seconds_median']:.2f} s "

@@ -91,7 +91,9 @@ def test_planted_duplicates_fold_exactly(arch, repair):
         model, x = _mlp(), torch.randn(16, 20)
     else:
         # float64: the logits of these random nets reach ~1e2, float32 rounding alone is ~1e-5
-        model = _randomise_bn(build_model(arch, in_channels=3, num_classes=10, width=0.125)).double()
+        model = _randomise_bn(
+            build_model(arch, in_channels=3, num_classes=10, width=0.125)
+        ).double()
         x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     groups = netfold.find_groups(model, x)
     foldable = [g for g in groups if g.foldable]
@@ -100,7 +102,9 @@ def test_planted_duplicates_fold_exactly(arch, repair):
     ref = model(x).detach()
     ratios = {g.name: 1.0 - distinct[g.name] / g.size for g in foldable}
     report = netfold.fold(
-        model, netfold.FoldConfig(ratio=0.0, ratios=ratios, repair=repair, n_init=2), example_inputs=x
+        model,
+        netfold.FoldConfig(ratio=0.0, ratios=ratios, repair=repair, n_init=2),
+        example_inputs=x,
     )
     assert all(g.width_after == distinct[g.name] for g in report.groups)
     assert report.params_after < report.params_before
@@ -124,7 +128,9 @@ def _expected_params(model: nn.Module, report) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
-            total += m.out_channels * (m.in_channels // m.groups) * kh * kw + (m.out_channels if m.bias is not None else 0)
+            total += m.out_channels * (m.in_channels // m.groups) * kh * kw + (
+                m.out_channels if m.bias is not None else 0
+            )
         elif isinstance(m, nn.Linear):
             total += m.out_features * m.in_features + (m.out_features if m.bias is not None else 0)
         elif isinstance(m, nn.BatchNorm2d):
@@ -136,11 +142,17 @@ def _expected_params(model: nn.Module, report) -> int:
 def test_torchvision_fold_half(arch):
     model = _randomise_bn(getattr(torchvision.models, arch)(num_classes=10))
     x = torch.randn(2, 3, 32, 32)
-    report = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="ar", n_init=1, max_iter=5), example_inputs=x)
+    report = netfold.fold(
+        model, netfold.FoldConfig(ratio=0.5, repair="ar", n_init=1, max_iter=5), example_inputs=x
+    )
     out = model(x)
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
-    assert report.params_after == _expected_params(model, report) == sum(p.numel() for p in model.parameters())
+    assert (
+        report.params_after
+        == _expected_params(model, report)
+        == sum(p.numel() for p in model.parameters())
+    )
     for g in report.groups:
         assert g.width_after == round(g.width_before * 0.5)
     # conv params shrink ~ (1 - r)^2 on both sides, the classifier only on its inputs
@@ -151,7 +163,9 @@ def test_torchvision_fold_half(arch):
 def test_depthwise_stays_consistent():
     model = _randomise_bn(torchvision.models.mobilenet_v2(num_classes=10))
     x = torch.randn(2, 3, 32, 32)
-    netfold.fold(model, netfold.FoldConfig(ratio=0.3, repair="none", n_init=1, max_iter=3), example_inputs=x)
+    netfold.fold(
+        model, netfold.FoldConfig(ratio=0.3, repair="none", n_init=1, max_iter=3), example_inputs=x
+    )
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             assert m.groups == m.in_channels == m.out_channels == m.weight.shape[0]
@@ -183,9 +197,15 @@ def test_repair_data_and_dir_run_and_reset_bn():
     model = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.125))
     x = torch.randn(64, 1, 32, 32)
     m_data = copy.deepcopy(model)
-    netfold.fold(m_data, netfold.FoldConfig(ratio=0.5, repair="data", n_init=2), example_inputs=x[:2], data=x)
+    netfold.fold(
+        m_data, netfold.FoldConfig(ratio=0.5, repair="data", n_init=2), example_inputs=x[:2], data=x
+    )
     # after re-estimation on x, the BN that follows the stem sees zero-mean inputs on x
-    bn = m_data.bn1 if hasattr(m_data, "bn1") else next(m for m in m_data.modules() if isinstance(m, nn.BatchNorm2d))
+    bn = (
+        m_data.bn1
+        if hasattr(m_data, "bn1")
+        else next(m for m in m_data.modules() if isinstance(m, nn.BatchNorm2d))
+    )
     feats = {}
     h = bn.register_forward_hook(lambda mod, i, o: feats.setdefault("in", i[0]))
     m_data(x)
@@ -193,7 +213,12 @@ def test_repair_data_and_dir_run_and_reset_bn():
     mean = feats["in"].mean((0, 2, 3))
     torch.testing.assert_close(bn.running_mean, mean, atol=1e-4, rtol=1e-4)
     m_dir = copy.deepcopy(model)
-    cfg = netfold.FoldConfig(ratio=0.5, repair="dir", n_init=2, deep_inversion=netfold.DeepInversionConfig(batch_size=16, steps=3))
+    cfg = netfold.FoldConfig(
+        ratio=0.5,
+        repair="dir",
+        n_init=2,
+        deep_inversion=netfold.DeepInversionConfig(batch_size=16, steps=3),
+    )
     rep = netfold.fold(m_dir, cfg, example_inputs=x[:2])
     assert rep.params_after < rep.params_before
     assert torch.isfinite(m_dir(x)).all()
@@ -216,8 +241,15 @@ def test_repair_data_without_bn_matches_member_statistics():
     def cluster_mean(v):  # (64,) -> (32,) mean over each cluster's members
         return torch.zeros(32, dtype=torch.float64).index_add_(0, labels, v.double()) / counts
 
-    torch.testing.assert_close(h_new.std(0, unbiased=False).double(), cluster_mean(h_orig.std(0, unbiased=False)), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(h_new.mean(0).double(), cluster_mean(h_orig.mean(0)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        h_new.std(0, unbiased=False).double(),
+        cluster_mean(h_orig.std(0, unbiased=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        h_new.mean(0).double(), cluster_mean(h_orig.mean(0)), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_ar_reduces_variance_collapse():
@@ -230,7 +262,9 @@ def test_ar_reduces_variance_collapse():
     vr = {}
     for repair in ("none", "ar"):
         m = copy.deepcopy(base)
-        netfold.fold(m, netfold.FoldConfig(ratio=0.5, repair=repair, n_init=2), example_inputs=x[:2])
+        netfold.fold(
+            m, netfold.FoldConfig(ratio=0.5, repair=repair, n_init=2), example_inputs=x[:2]
+        )
         vr[repair] = variance_ratio(base, m, x)["<classifier input>"]
     # random weights are nearly uncorrelated: naive folding collapses the variance (~0.01),
     # AR overshoots mildly (~2); compare on a log scale
@@ -241,7 +275,9 @@ def test_ar_reduces_variance_collapse():
 @pytest.mark.parametrize("target", [0.3, 0.6])
 def test_target_sparsity(target):
     model = _randomise_bn(build_model("vgg11_bn_cifar", in_channels=1, num_classes=10, width=0.25))
-    rep = netfold.fold(model, netfold.FoldConfig(target_sparsity=target, repair="none", n_init=1, max_iter=5))
+    rep = netfold.fold(
+        model, netfold.FoldConfig(target_sparsity=target, repair="none", n_init=1, max_iter=5)
+    )
     assert abs(rep.sparsity - target) < 0.01, rep.sparsity
 
 
@@ -250,7 +286,9 @@ def test_per_layer_ratios_and_skip():
     x = torch.randn(2, 1, 32, 32)
     rep = netfold.fold(
         model,
-        netfold.FoldConfig(ratio=0.5, ratios={"features.0": 0.25}, skip=("classifier.*",), n_init=1),
+        netfold.FoldConfig(
+            ratio=0.5, ratios={"features.0": 0.25}, skip=("classifier.*",), n_init=1
+        ),
         example_inputs=x,
     )
     widths = {g.name: (g.width_before, g.width_after) for g in rep.groups}
@@ -304,7 +342,10 @@ def test_nan_weights_rejected():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"2\.weight.*NaN"):
         netfold.fold(model, netfold.FoldConfig(ratio=0.5))
-    assert all(torch.equal(a, b) or torch.isnan(a).any() for a, b in zip(model.state_dict().values(), before.values()))
+    assert all(
+        torch.equal(a, b) or torch.isnan(a).any()
+        for a, b in zip(model.state_dict().values(), before.values())
+    )
     assert model[0].out_features == 64
 
 
@@ -335,7 +376,12 @@ def test_failure_during_write_rolls_back(monkeypatch):
 
     monkeypatch.setattr(api, "repair_with_batch", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="data", n_init=1), example_inputs=x[:2], data=x)
+        netfold.fold(
+            model,
+            netfold.FoldConfig(ratio=0.5, repair="data", n_init=1),
+            example_inputs=x[:2],
+            data=x,
+        )
     assert _state_equal(model.state_dict(), before)
     assert model(x).shape == (8, 10)
     assert model.conv1.out_channels == 8
@@ -356,7 +402,9 @@ def test_unknown_op_freezes_group_and_reports_it():
             return self.out(torch.relu(h))
 
     model = WithCat().eval()
-    rep = netfold.fold(model, netfold.FoldConfig(ratio=0.5, n_init=1), example_inputs=torch.randn(2, 6))
+    rep = netfold.fold(
+        model, netfold.FoldConfig(ratio=0.5, n_init=1), example_inputs=torch.randn(2, 6)
+    )
     skipped = dict(rep.skipped)
     assert "cat" in skipped["a"]
     assert model.a.out_features == 8 and model.out.in_features == 24

@@ -48,7 +48,13 @@ def test_save_needs_architecture(tmp_path):
 
 def test_save_with_explicit_arch_and_metadata(tmp_path):
     model = io.build("torchvision:resnet18", {"num_classes": 3})
-    io.save(model, tmp_path / "r", arch="torchvision:resnet18", kwargs={"num_classes": 3}, metadata={"note": "dense"})
+    io.save(
+        model,
+        tmp_path / "r",
+        arch="torchvision:resnet18",
+        kwargs={"num_classes": 3},
+        metadata={"note": "dense"},
+    )
     info = json.loads((tmp_path / "r" / "netfold.json").read_text())
     assert info["metadata"] == {"note": "dense"} and info["arch"] == "torchvision:resnet18"
 

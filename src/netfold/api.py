@@ -122,7 +122,9 @@ def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig
         for g in foldable:
             rr = group_ratio(g, config, default=r)
             if rr is not None:
-                out[g.name] = width_for(g.size, rr if config.ratios and rr != r else r, config, g.head_size)
+                out[g.name] = width_for(
+                    g.size, rr if config.ratios and rr != r else r, config, g.head_size
+                )
         return out
 
     def sparsity(r: float) -> float:
@@ -191,9 +193,15 @@ def fold(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite(model)
     if config.repair == "data" and data is None:
-        raise ValueError("repair='data' needs calibration inputs: pass data=... (a Tensor, batches or a DataLoader)")
-    if config.repair == "dir" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics)")
+        raise ValueError(
+            "repair='data' needs calibration inputs: pass data=... (a Tensor, batches or a DataLoader)"
+        )
+    if config.repair == "dir" and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ValueError(
+            "repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics)"
+        )
     if example_inputs is None:
         example_inputs = infer_example_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
@@ -213,7 +221,15 @@ def fold(
     for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
         k = widths[g.name]
         X = group_features(model, g, mode)
-        c = cluster(X, k, config.method, seed=config.seed, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol)
+        c = cluster(
+            X,
+            k,
+            config.method,
+            seed=config.seed,
+            n_init=config.n_init,
+            max_iter=config.max_iter,
+            tol=config.tol,
+        )
         labels_of[g.name] = c.labels
         costs[g.name] = c.cost
     for g in todo:
@@ -226,8 +242,15 @@ def fold(
         if config.repair == "data":
             batch = collect_inputs(data)
         else:
-            batch = synthetic if synthetic is not None else synthesize(
-                model, tuple(example_inputs[0].shape[1:]), config.deep_inversion, progress=progress
+            batch = (
+                synthetic
+                if synthetic is not None
+                else synthesize(
+                    model,
+                    tuple(example_inputs[0].shape[1:]),
+                    config.deep_inversion,
+                    progress=progress,
+                )
             )
         free = [(g, p) for g in todo for p in g.producers if p not in g.bn_of]
         if free:
@@ -237,7 +260,10 @@ def fold(
                 mu, sd = stats[p]
                 targets[p] = (A @ mu, A @ sd)
 
-    touched = sorted(state.keys() | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    touched = sorted(
+        state.keys()
+        | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    )
     snap = Snapshot(model, touched)
     try:
         apply_tensors(model, state)

@@ -59,11 +59,15 @@ def _data(name: str | None, n_calib: int):
     if name is None:
         return None, None
     if name != "fashion-mnist":
-        raise SystemExit(f"unknown dataset {name!r}: only 'fashion-mnist' ships with these machines")
+        raise SystemExit(
+            f"unknown dataset {name!r}: only 'fashion-mnist' ships with these machines"
+        )
     from .data.fashion_mnist import calibration_batches, load_fashion_mnist
 
     test = load_fashion_mnist("test")
-    calib = torch.cat(calibration_batches(n_batches=max(1, n_calib // 64), batch_size=min(64, n_calib)))
+    calib = torch.cat(
+        calibration_batches(n_batches=max(1, n_calib // 64), batch_size=min(64, n_calib))
+    )
     return test, calib
 
 
@@ -78,7 +82,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
         method=args.method,
         repair=args.repair,
         seed=args.seed,
-        deep_inversion=DeepInversionConfig(steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed),
+        deep_inversion=DeepInversionConfig(
+            steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
+        ),
     )
     test, calib = _data(args.data, args.calib)
     shape = _input_shape(model, args.input_shape)
@@ -89,7 +95,13 @@ def cmd_fold(args: argparse.Namespace) -> int:
         example = calib[:2]
     if test is not None:
         acc0 = evaluate_accuracy(model, *test)
-    report = fold(model, cfg, example_inputs=example, data=calib if args.repair == "data" else None, progress=True)
+    report = fold(
+        model,
+        cfg,
+        example_inputs=example,
+        data=calib if args.repair == "data" else None,
+        progress=True,
+    )
     print(report)
     if test is not None:
         acc1 = evaluate_accuracy(model, *test)
@@ -111,7 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"params {count_params(model):,}")
     if x is not None:
         print(f"FLOPs  {count_flops(model, x):,} per image")
-        print(f"accuracy {100 * evaluate_accuracy(model, *test):.2f}% on {args.data} test ({len(test[1])} images)")
+        print(
+            f"accuracy {100 * evaluate_accuracy(model, *test):.2f}% on {args.data} test ({len(test[1])} images)"
+        )
     return 0
 
 
@@ -122,26 +136,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="netfold", description="Compress trained PyTorch networks without data.")
+    ap = argparse.ArgumentParser(
+        prog="netfold", description="Compress trained PyTorch networks without data."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def model_args(p):
-        p.add_argument("model", help="netfold dir, training checkpoint, or architecture (resnet18, netfold:resnet18_cifar)")
-        p.add_argument("--weights", help="state_dict file (.safetensors or .pth) for an architecture name")
-        p.add_argument("--model-kwargs", default="{}", help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
+        p.add_argument(
+            "model",
+            help="netfold dir, training checkpoint, or architecture (resnet18, netfold:resnet18_cifar)",
+        )
+        p.add_argument(
+            "--weights", help="state_dict file (.safetensors or .pth) for an architecture name"
+        )
+        p.add_argument(
+            "--model-kwargs",
+            default="{}",
+            help="constructor kwargs as JSON, e.g. '{\"num_classes\": 10}'",
+        )
 
     p = sub.add_parser("fold", help="fold a model (in a copy on disk)")
     model_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, help="fraction of channels removed per group (default 0.5)")
+    g.add_argument(
+        "--ratio", type=float, help="fraction of channels removed per group (default 0.5)"
+    )
     g.add_argument("--target-sparsity", type=float, help="fraction of parameters to remove")
     p.add_argument("--repair", choices=REPAIRS, default="ar")
     p.add_argument("--method", choices=METHODS, default="kmeans")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="dataset for accuracy and repair='data' (fashion-mnist)")
     p.add_argument("--calib", type=int, default=512, help="calibration images for repair='data'")
-    p.add_argument("--dir-steps", type=int, default=DeepInversionConfig.steps, help="deep inversion steps")
-    p.add_argument("--dir-batch", type=int, default=DeepInversionConfig.batch_size, help="deep inversion batch")
+    p.add_argument(
+        "--dir-steps", type=int, default=DeepInversionConfig.steps, help="deep inversion steps"
+    )
+    p.add_argument(
+        "--dir-batch", type=int, default=DeepInversionConfig.batch_size, help="deep inversion batch"
+    )
     p.add_argument("--input-shape", help="C,H,W of one input (default: inferred)")
     p.add_argument("--out", help="directory to save the folded model")
     p.set_defaults(func=cmd_fold)
@@ -155,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from .fuse.cli_handlers import add_bench_latency_parser, add_export_parser, cmd_bench_latency, cmd_export
+        from .fuse.cli_handlers import (
+            add_bench_latency_parser,
+            add_export_parser,
+            cmd_bench_latency,
+            cmd_export,
+        )
 
         add_export_parser(sub).set_defaults(func=cmd_export)
         add_bench_latency_parser(sub).set_defaults(func=cmd_bench_latency)

@@ -43,7 +43,9 @@ class _JSONMixin:
         kwargs = {}
         for name, value in d.items():
             sub = _NESTED.get((cls.__name__, name))
-            kwargs[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+            kwargs[name] = (
+                sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+            )
         return cls(**kwargs)
 
     @classmethod
@@ -81,7 +83,9 @@ class DeepInversionConfig(_JSONMixin):
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (BatchNorm statistics), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be >= 2 (BatchNorm statistics), got {self.batch_size}"
+            )
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -135,7 +139,9 @@ class FoldConfig(_JSONMixin):
         _check_fraction("ratio", self.ratio)
         if self.ratios is not None:
             if not isinstance(self.ratios, dict):
-                raise TypeError(f"ratios must be a dict of pattern -> ratio, got {type(self.ratios).__name__}")
+                raise TypeError(
+                    f"ratios must be a dict of pattern -> ratio, got {type(self.ratios).__name__}"
+                )
             for pat, r in self.ratios.items():
                 if not isinstance(pat, str) or not pat:
                     raise ValueError(f"ratios keys must be non-empty strings, got {pat!r}")
@@ -162,7 +168,9 @@ class FoldConfig(_JSONMixin):
             raise TypeError("skip must be a sequence of fnmatch patterns (strings)")
         object.__setattr__(self, "skip", tuple(self.skip))
         if isinstance(self.deep_inversion, dict):
-            object.__setattr__(self, "deep_inversion", DeepInversionConfig.from_dict(self.deep_inversion))
+            object.__setattr__(
+                self, "deep_inversion", DeepInversionConfig.from_dict(self.deep_inversion)
+            )
         if not isinstance(self.deep_inversion, DeepInversionConfig):
             raise TypeError("deep_inversion must be a DeepInversionConfig")
 

@@ -25,7 +25,9 @@ from .models.train import get_trained
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small_cnn", help="registered model with a training preset")
-    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group")
+    ap.add_argument(
+        "--ratio", type=float, default=0.5, help="fraction of channels removed per group"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -41,11 +43,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[2/3] folding {args.ratio:.0%} of the channels of every group ...", flush=True)
     rows = [("dense", dense_acc, p0, f0, 0.0)]
-    for label, repair in (("Fold-naive", "none"), ("Fold-AR (no data)", "ar"), ("Fold-R (512 images)", "data")):
+    for label, repair in (
+        ("Fold-naive", "none"),
+        ("Fold-AR (no data)", "ar"),
+        ("Fold-R (512 images)", "data"),
+    ):
         m = copy.deepcopy(model)
-        rep = fold(m, FoldConfig(ratio=args.ratio, repair=repair, seed=args.seed), example_inputs=calib[:2],
-                   data=calib if repair == "data" else None)
-        rows.append((label, evaluate_accuracy(m, x_test, y_test), rep.params_after, count_flops(m, x1), rep.seconds))
+        rep = fold(
+            m,
+            FoldConfig(ratio=args.ratio, repair=repair, seed=args.seed),
+            example_inputs=calib[:2],
+            data=calib if repair == "data" else None,
+        )
+        rows.append(
+            (
+                label,
+                evaluate_accuracy(m, x_test, y_test),
+                rep.params_after,
+                count_flops(m, x1),
+                rep.seconds,
+            )
+        )
 
     print("[3/3] results on the 10,000 test images\n")
     print(f"{'model':<22}{'accuracy':>10}{'params':>12}{'MFLOPs':>10}{'fold time':>11}")

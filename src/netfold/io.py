@@ -30,7 +30,15 @@ from .graph.surgery import set_tensor, sync_attributes
 
 FORMAT = "netfold-model/1"
 ARCH_ATTR = "_netfold_arch"
-_WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "num_parameters")
+_WIDTH_ATTRS = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "num_parameters",
+)
 
 
 def set_arch(model: nn.Module, arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -43,7 +51,9 @@ def build(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Instantiate an architecture spec (see the module docstring)."""
     kwargs = dict(kwargs or {})
     if ":" not in arch:
-        raise ValueError(f"architecture spec {arch!r} must look like 'netfold:NAME', 'torchvision:NAME' or 'module:callable'")
+        raise ValueError(
+            f"architecture spec {arch!r} must look like 'netfold:NAME', 'torchvision:NAME' or 'module:callable'"
+        )
     prefix, name = arch.split(":", 1)
     if prefix == "netfold":
         from .models import MODELS
@@ -69,8 +79,14 @@ def build(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 def _widths(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name, m in model.named_modules():
-        attrs = {a: int(getattr(m, a)) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
-        if attrs and any(True for _ in m.parameters(recurse=False)) or isinstance(m, nn.modules.batchnorm._BatchNorm):
+        attrs = {
+            a: int(getattr(m, a)) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)
+        }
+        if (
+            attrs
+            and any(True for _ in m.parameters(recurse=False))
+            or isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ):
             out[name] = attrs
     return out
 
@@ -87,7 +103,14 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, arch: str | None = None, kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` to ``directory`` (created if needed).
 
     Args:
@@ -119,8 +142,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, arch: str | None = N
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(d / "model.safetensors", lambda p: save_file(state, p, metadata={"format": FORMAT}))
-    _atomic_write_bytes(d / "netfold.json", lambda p: Path(p).write_text(json.dumps(info, indent=1, sort_keys=True)))
+    _atomic_write_bytes(
+        d / "model.safetensors", lambda p: save_file(state, p, metadata={"format": FORMAT})
+    )
+    _atomic_write_bytes(
+        d / "netfold.json", lambda p: Path(p).write_text(json.dumps(info, indent=1, sort_keys=True))
+    )
     return d
 
 

@@ -26,7 +26,9 @@ def _channel_var(t: torch.Tensor, conv_like: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_variances(model: nn.Module, inputs: torch.Tensor, layers: list[str] | None = None) -> dict[str, float]:
+def activation_variances(
+    model: nn.Module, inputs: torch.Tensor, layers: list[str] | None = None
+) -> dict[str, float]:
     """Mean per-channel variance of each layer's output (and of the last Linear's input).
 
     Args:
@@ -36,17 +38,33 @@ def activation_variances(model: nn.Module, inputs: torch.Tensor, layers: list[st
     """
     names = layers
     if names is None:
-        names = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Conv1d, nn.Linear))]
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Conv1d, nn.Linear))
+        ]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     out: dict[str, float] = {}
     handles = []
     for n in names:
         m = model.get_submodule(n)
         conv_like = not isinstance(m, nn.Linear)
-        handles.append(m.register_forward_hook(lambda mod, i, o, n=n, c=conv_like: out.__setitem__(n, float(_channel_var(o, c).mean()))))
+        handles.append(
+            m.register_forward_hook(
+                lambda mod, i, o, n=n, c=conv_like: out.__setitem__(
+                    n, float(_channel_var(o, c).mean())
+                )
+            )
+        )
     if linears:
         last = model.get_submodule(linears[-1])
-        handles.append(last.register_forward_pre_hook(lambda mod, i: out.__setitem__(CLASSIFIER_INPUT, float(_channel_var(i[0], False).mean()))))
+        handles.append(
+            last.register_forward_pre_hook(
+                lambda mod, i: out.__setitem__(
+                    CLASSIFIER_INPUT, float(_channel_var(i[0], False).mean())
+                )
+            )
+        )
     was = model.training
     model.eval()
     try:
@@ -58,7 +76,9 @@ def activation_variances(model: nn.Module, inputs: torch.Tensor, layers: list[st
     return out
 
 
-def variance_ratio(original: nn.Module, folded: nn.Module, inputs: torch.Tensor, layers: list[str] | None = None) -> dict[str, float]:
+def variance_ratio(
+    original: nn.Module, folded: nn.Module, inputs: torch.Tensor, layers: list[str] | None = None
+) -> dict[str, float]:
     """Per-layer variance ratio folded / original on ``inputs`` (see module docstring).
 
     Returns a dict layer name -> ratio, including ``"<classifier input>"`` (the input of the

@@ -110,7 +110,9 @@ def cluster(
 
         linkage = method.split("-", 1)[1]
         Z = _reduce_exact(X.to(torch.float64).cpu()).numpy()
-        labels = torch.as_tensor(AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(Z))
+        labels = torch.as_tensor(
+            AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(Z)
+        )
     elif method == "spectral":
         from sklearn.cluster import SpectralClustering
 

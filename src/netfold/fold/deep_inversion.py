@@ -33,7 +33,7 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
 def synthesize(
     model: nn.Module,
     input_shape: tuple[int, ...],
-    config: DeepInversionConfig = DeepInversionConfig(),
+    config: DeepInversionConfig | None = None,
     *,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -47,13 +47,20 @@ def synthesize(
     Raises:
         ValueError: the model has no BatchNorm layer to invert.
     """
+    config = config or DeepInversionConfig()
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
-        raise ValueError("repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics); "
-                         "use repair='ar' or repair='data' for this model")
+        raise ValueError(
+            "repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics); "
+            "use repair='ar' or repair='data' for this model"
+        )
     losses: list[torch.Tensor] = []
 
     def hook(mod, inp, out):
@@ -66,7 +73,9 @@ def synthesize(
     handles = [bn.register_forward_hook(hook) for bn in bns]
     gen = torch.Generator().manual_seed(config.seed)
     p0 = next(model.parameters())
-    x = torch.randn((config.batch_size,) + tuple(input_shape), generator=gen, dtype=p0.dtype).to(p0.device)
+    x = torch.randn((config.batch_size,) + tuple(input_shape), generator=gen, dtype=p0.dtype).to(
+        p0.device
+    )
     x.requires_grad_(True)
     with torch.no_grad():
         n_classes = config.num_classes or int(net(x[:2]).shape[-1])
@@ -74,9 +83,16 @@ def synthesize(
     opt = torch.optim.Adam([x], lr=config.lr, betas=(0.5, 0.9), eps=1e-8)
     spatial = x.dim() - 2
     try:
-        for _ in tqdm(range(config.steps), desc="deep inversion", disable=not progress, leave=False):
+        for _ in tqdm(
+            range(config.steps), desc="deep inversion", disable=not progress, leave=False
+        ):
             if config.jitter > 0 and spatial >= 1:
-                shifts = tuple(int(s) for s in torch.randint(-config.jitter, config.jitter + 1, (spatial,), generator=gen))
+                shifts = tuple(
+                    int(s)
+                    for s in torch.randint(
+                        -config.jitter, config.jitter + 1, (spatial,), generator=gen
+                    )
+                )
                 xin = torch.roll(x, shifts=shifts, dims=tuple(range(2, x.dim())))
             else:
                 xin = x

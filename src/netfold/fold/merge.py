@@ -83,7 +83,9 @@ def group_features(model: nn.Module, group: ChannelGroup, mode: str) -> torch.Te
     return torch.cat([c.to(dtype) for c in cols], dim=1)
 
 
-def cluster_matrices(labels: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_matrices(
+    labels: torch.Tensor, k: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One-hot U (n, k) and the averaging matrix A = (U^T U)^-1 U^T (k, n)."""
     n = labels.shape[0]
     U = torch.zeros(n, k, dtype=dtype, device=labels.device)

@@ -28,17 +28,25 @@ def collect_inputs(data, max_samples: int = 1024) -> torch.Tensor:
         raise ValueError("no data given")
     if isinstance(data, torch.Tensor):
         return data[:max_samples]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+    ):
         if data[0].dim() > 1 and data[1].dim() == 1 and data[0].shape[0] == data[1].shape[0]:
             return data[0][:max_samples]  # a single (x, y) batch
     if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a Tensor, a list of batches or a DataLoader, got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a Tensor, a list of batches or a DataLoader, got {type(data).__name__}"
+        )
     chunks: list[torch.Tensor] = []
     total = 0
     for batch in data:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"data batches must be Tensors or (Tensor, labels) pairs, got {type(x).__name__}")
+            raise TypeError(
+                f"data batches must be Tensors or (Tensor, labels) pairs, got {type(x).__name__}"
+            )
         chunks.append(x)
         total += x.shape[0]
         if total >= max_samples:
@@ -54,7 +62,9 @@ def _channel_dims(module: nn.Module, out: torch.Tensor) -> tuple[int, list[int]]
 
 
 @torch.no_grad()
-def producer_stats(model: nn.Module, producers: list[str], inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def producer_stats(
+    model: nn.Module, producers: list[str], inputs: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (mean, std) of each producer's output on ``inputs``, model in eval mode."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
@@ -99,7 +109,11 @@ def repair_with_batch(
     Returns:
         producer name -> mean absolute log-scale of its correction (diagnostic).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     training = {m: m.training for m in model.modules()}
     saved_momentum = {bn: bn.momentum for bn in bns}
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

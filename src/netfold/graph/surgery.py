@@ -39,7 +39,9 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
         old = module._parameters[name]
         requires_grad = old.requires_grad if old is not None else True
-        module._parameters[name] = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
+        module._parameters[name] = nn.Parameter(
+            value.detach().clone(memory_format=torch.contiguous_format), requires_grad=requires_grad
+        )
     elif name in module._buffers:
         module._buffers[name] = value.detach().clone(memory_format=torch.contiguous_format)
     else:
@@ -55,7 +57,11 @@ def sync_attributes(module: nn.Module) -> None:
         if module.transposed:
             raise TypeError(f"transposed convolutions are not supported ({type(module).__name__})")
         out_c, in_per_group = w.shape[0], w.shape[1]
-        if module.groups > 1 and in_per_group == 1 and module.groups == module.in_channels == module.out_channels:
+        if (
+            module.groups > 1
+            and in_per_group == 1
+            and module.groups == module.in_channels == module.out_channels
+        ):
             module.groups = out_c  # depthwise stays depthwise
             module.in_channels = out_c
         else:

@@ -245,7 +245,9 @@ def find_groups(
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:
-        raise TraceError(f"shape propagation failed on the example input: {type(e).__name__}: {e}") from e
+        raise TraceError(
+            f"shape propagation failed on the example input: {type(e).__name__}: {e}"
+        ) from e
     finally:
         model.train(was_training)
     return _analyse(gm)
@@ -300,12 +302,17 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
         if node.op == "call_module":
             name = str(node.target)
             mod = modules[name]
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(
+                mod, nn.modules.conv._ConvTransposeNd
+            ):
                 depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
                 if first is None or first.axis != 1 or first.repeat != 1:
                     if first is not None:
                         sp.freeze(first.space, f"{name} reads an unexpected layout")
-                    out = sp.new(mod.out_channels, frozen=None if not depthwise else "depthwise conv on untracked input")
+                    out = sp.new(
+                        mod.out_channels,
+                        frozen=None if not depthwise else "depthwise conv on untracked input",
+                    )
                     if not depthwise:
                         sp.producers[out].append(name)
                     vals[node] = _Val(remember(module_out, name, out), 1)
@@ -333,7 +340,10 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
                 nd = len(in_shape) if in_shape else 2
                 if first is None or first.axis != nd - 1:
                     if first is not None:
-                        sp.freeze(first.space, f"{name} (Linear) reads axis {nd - 1}, not the channel axis")
+                        sp.freeze(
+                            first.space,
+                            f"{name} (Linear) reads axis {nd - 1}, not the channel axis",
+                        )
                     out = sp.new(mod.out_features)
                     sp.producers[out].append(name)
                     vals[node] = _Val(remember(module_out, name, out), len(shape) - 1)
@@ -347,7 +357,12 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
                 vals[node] = _Val(remember(module_out, name, out), len(shape) - 1)
                 continue
             if isinstance(mod, _BN):
-                if first is None or first.axis != 1 or first.repeat != 1 or not mod.track_running_stats:
+                if (
+                    first is None
+                    or first.axis != 1
+                    or first.repeat != 1
+                    or not mod.track_running_stats
+                ):
                     if first is not None:
                         sp.freeze(first.space, f"{name}: BatchNorm on an unexpected layout")
                     vals[node] = None
@@ -373,7 +388,9 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
                 vals[node] = first
                 continue
             if isinstance(mod, _SPATIAL_MODULES):
-                vals[node] = first if first is not None and first.axis == 1 and first.repeat == 1 else None
+                vals[node] = (
+                    first if first is not None and first.axis == 1 and first.repeat == 1 else None
+                )
                 if first is not None and vals[node] is None:
                     sp.freeze(first.space, f"{name} applied to an unexpected layout")
                 continue
@@ -426,7 +443,11 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
                 s = sp.union(a.space, b.space, label)
                 vals[node] = _Val(s, a.axis, a.repeat)
                 continue
-            if node.op == "call_method" and tgt in ("mean", "sum", "amax") or tgt in (torch.mean, torch.sum):
+            if (
+                node.op == "call_method"
+                and tgt in ("mean", "sum", "amax")
+                or tgt in (torch.mean, torch.sum)
+            ):
                 vals[node] = _reduce(sp, node, first, in_shape, shape, label)
                 continue
             why = f"op {label} is not understood by the tracer"
@@ -467,12 +488,7 @@ def _flatten(sp: _Spaces, v: _Val | None, in_shape, out_shape, label: str) -> _V
         return None
     if tuple(in_shape) == tuple(out_shape):
         return v
-    if (
-        v.axis == 1
-        and len(out_shape) == 2
-        and out_shape[0] == in_shape[0]
-        and len(in_shape) >= 2
-    ):
+    if v.axis == 1 and len(out_shape) == 2 and out_shape[0] == in_shape[0] and len(in_shape) >= 2:
         spatial = 1
         for d in in_shape[2:]:
             spatial *= d
@@ -482,7 +498,9 @@ def _flatten(sp: _Spaces, v: _Val | None, in_shape, out_shape, label: str) -> _V
     return None
 
 
-def _reduce(sp: _Spaces, node: fx.Node, v: _Val | None, in_shape, out_shape, label: str) -> _Val | None:
+def _reduce(
+    sp: _Spaces, node: fx.Node, v: _Val | None, in_shape, out_shape, label: str
+) -> _Val | None:
     """mean/sum over spatial axes keeps the channel axis; anything else freezes."""
     if v is None or in_shape is None or out_shape is None:
         return None
@@ -506,7 +524,9 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
 
     Tries common image sizes for convolutional models; raises ValueError when none runs.
     """
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None
+    )
     if first is None:
         raise ValueError(
             f"cannot infer an input for {type(model).__name__}: no Linear/Conv layer; pass example_inputs="
