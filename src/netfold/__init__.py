@@ -6,6 +6,7 @@
 from .api import fold
 from .config import DeepInversionConfig, FoldConfig
 from .graph.trace import TraceError, find_groups
+from .io import load, save
 from .report import GroupReport, Report
 
 __all__ = [
@@ -16,5 +17,7 @@ __all__ = [
     "TraceError",
     "find_groups",
     "fold",
+    "load",
+    "save",
 ]
 __version__ = "0.1.0"
