@@ -1,7 +1,7 @@
 """The default job of `make run`: fold a real trained CNN without data and show what it costs.
 
 Trains (or reuses from ~/.cache/netfold) a small BatchNorm CNN on Fashion-MNIST, then folds a copy
-at 50% of the channels with Fold-naive, Fold-AR (data-free) and Fold-R (512 calibration images),
+at 30% of the channels with Fold-naive, Fold-AR (data-free) and Fold-R (512 calibration images),
 printing test accuracy, parameters, FLOPs and fold time before and after.
 
 Run: python -m netfold.demo [--ratio 0.5] [--model small_cnn]
