@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small_cnn", help="registered model with a training preset")
     ap.add_argument(
-        "--ratio", type=float, default=0.5, help="fraction of channels removed per group"
+        "--ratio", type=float, default=0.3, help="fraction of channels removed per group"
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
