@@ -117,10 +117,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "calls_per_round": args.calls_per_round,
+        "settle_calls": args.settle_calls,
         "warmup": args.warmup,
         "targets": TARGETS,
         "notes": (
-            "Medians over interleaved rounds; ratios are from the same run. torch.compile uses "
+            "Each round runs every path (shuffled order): settle_calls untimed calls (they absorb "
+            "the previous runtime's spinning worker threads) then calls_per_round timed calls; "
+            "medians over all timed calls; ratios are from the same run. torch.compile uses "
             "inductor with freezing=True; ONNX Runtime uses ORT_ENABLE_ALL, intra-op threads = "
             "threads, sequential execution, static shapes (one export per batch size). The "
             "machine is shared: loadavg at start and end is recorded."
@@ -151,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             threads=args.threads,
             repeats=args.repeats,
             warmup=args.warmup,
+            calls_per_round=args.calls_per_round,
+            settle_calls=args.settle_calls,
             workdir=args.workdir,
             model_name=name,
             before_timing=lambda: _wait_for_quiet(args.wait_load, args.wait_max),
@@ -185,7 +191,9 @@ def table(path: str) -> str:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {res['threads']} threads; "
         f"torch {m['torch']}, onnxruntime {m.get('onnxruntime')}; {m['date']}; "
         f"loadavg start {m.get('loadavg_1_5_15')}, end {m.get('loadavg_end')}; "
-        f"median of {res['repeats']} interleaved rounds after {res['warmup']} warm-up calls.",
+        f"median of {res['repeats']} x {res.get('calls_per_round', 1)} timed calls in interleaved "
+        f"rounds ({res.get('settle_calls', 0)} untimed settle call(s) per path per round, "
+        f"{res['warmup']} warm-up calls).",
         "",
         format_latency_table(res),
         "",
@@ -234,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet18", "efficientnet-lite0"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=15, help="rounds")
+    p.add_argument("--calls-per-round", type=int, default=3, help="timed calls per path per round")
+    p.add_argument("--settle-calls", type=int, default=1, help="untimed calls before them")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None, help="override H = W (smoke tests)")

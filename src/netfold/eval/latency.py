@@ -1,9 +1,9 @@
 """Latency measurement: medians of repeated runs after warm-up, with the thread count stated.
 
 On a shared machine single timings are noise. :func:`measure_interleaved` runs several
-candidates round-robin (one call each per round, order rotated), so a burst of load from
+candidates in rounds (every candidate in each round, order shuffled), so a burst of load from
 elsewhere hits all of them alike and ratios taken from one run stay meaningful; the median over
-rounds is reported with the 10th/90th percentiles.
+all timed calls is reported with the 10th/90th percentiles.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -106,7 +107,9 @@ def measure_latency(
     Returns:
         :class:`LatencyStats`.
     """
-    return measure_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, threads=threads)["fn"]
+    return measure_interleaved(
+        {"fn": fn}, warmup=warmup, repeats=repeats, threads=threads, settle_calls=0
+    )["fn"]
 
 
 def measure_interleaved(
@@ -115,35 +118,54 @@ def measure_interleaved(
     warmup: int = 5,
     repeats: int = 30,
     threads: int | None = None,
+    calls_per_round: int = 1,
+    settle_calls: int = 1,
+    seed: int = 0,
 ) -> dict[str, LatencyStats]:
-    """Time several callables round-robin: ``repeats`` rounds, one call of each per round.
+    """Time several callables in rounds: each round runs every callable, in a shuffled order.
 
-    The order within a round rotates, so no candidate always runs right after another.
+    Within a round a callable first gets ``settle_calls`` untimed calls, then
+    ``calls_per_round`` timed ones. The untimed calls absorb the previous candidate's thread-pool
+    tail: ONNX Runtime and OpenMP worker threads keep spinning for a while after a run, and a
+    different runtime starting right then is measured up to 2x slow (measured here with two ORT
+    sessions alternating: 75 ms vs 38 ms each).
 
     Args:
         fns: name -> zero-argument callable.
         warmup: untimed calls of each first.
-        repeats: rounds (timed calls per callable).
+        repeats: rounds.
         threads: torch intra-op threads during the measurement (None: leave as is). ONNX
             Runtime sessions carry their own thread count.
+        calls_per_round: timed calls per callable per round (``runs = repeats * calls_per_round``).
+        settle_calls: untimed calls per callable per round, before its timed ones.
+        seed: seeds the per-round order.
 
     Returns:
-        name -> :class:`LatencyStats`.
+        name -> :class:`LatencyStats` over all timed calls.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if repeats < 1 or warmup < 0 or calls_per_round < 1 or settle_calls < 0:
+        raise ValueError(
+            "need repeats >= 1, calls_per_round >= 1, warmup >= 0, settle_calls >= 0; got "
+            f"{repeats}, {calls_per_round}, {warmup}, {settle_calls}"
+        )
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(seed)
     with torch_threads(threads) as n_threads, torch.no_grad():
         for n in names:
             for _ in range(warmup):
                 fns[n]()
-        for r in range(repeats):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                fns[n]()
-                times[n].append(time.perf_counter() - t0)
+        for _ in range(repeats):
+            order = names[:]
+            rng.shuffle(order)
+            for n in order:
+                fn = fns[n]
+                for _ in range(settle_calls):
+                    fn()
+                for _ in range(calls_per_round):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[n].append(time.perf_counter() - t0)
     return {n: _stats(times[n], warmup, n_threads) for n in names}
 
 

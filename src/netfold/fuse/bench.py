@@ -66,8 +66,10 @@ def benchmark_paths(
     paths: tuple[str, ...] | list[str] = PATHS,
     variants: dict[str, nn.Module] | None = None,
     threads: int = 2,
-    repeats: int = 30,
+    repeats: int = 15,
     warmup: int = 5,
+    calls_per_round: int = 3,
+    settle_calls: int = 1,
     workdir: str | os.PathLike[str] | None = None,
     model_name: str = "model",
     fuse_config: FuseConfig | None = None,
@@ -82,7 +84,10 @@ def benchmark_paths(
         paths: path names (see the module docstring).
         variants: extra base models addressable as path prefixes (names without "_").
         threads: torch intra-op threads and ONNX Runtime intra-op threads.
-        repeats / warmup: timed rounds / untimed calls per path.
+        repeats / warmup: rounds / untimed calls per path before the first round.
+        calls_per_round / settle_calls: timed / untimed calls per path per round (see
+            :func:`netfold.eval.latency.measure_interleaved`); the median is over
+            ``repeats * calls_per_round`` timed calls.
         workdir: where ONNX files are written (a temporary directory if None).
         model_name: label in the results.
         fuse_config: config for the fused copies (``FuseConfig()`` if None).
@@ -108,6 +113,8 @@ def benchmark_paths(
         "model": model_name,
         "threads": threads,
         "repeats": repeats,
+        "calls_per_round": calls_per_round,
+        "settle_calls": settle_calls,
         "warmup": warmup,
         "paths": list(paths),
         "machine": machine_info(),
@@ -194,7 +201,14 @@ def benchmark_paths(
                 before_timing()
             say(f"[{model_name}] b{batch} timing {len(fns)} paths x {repeats} rounds ...")
             load_before = _loadavg()
-            stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, threads=threads)
+            stats = measure_interleaved(
+                fns,
+                warmup=warmup,
+                repeats=repeats,
+                threads=threads,
+                calls_per_round=calls_per_round,
+                settle_calls=settle_calls,
+            )
             lat = {p: s.to_dict() for p, s in stats.items()}
             base_ms = lat.get("eager", {}).get("median_ms")
             result["batches"][str(batch)] = {

@@ -222,7 +222,8 @@ def add_bench_latency_parser(sub: argparse._SubParsersAction) -> argparse.Argume
         default="eager,fused,compile,fused_compile,ort,fused_ort",
         help="comma-separated subset of eager,fused,compile,fused_compile,ort,fused_ort",
     )
-    p.add_argument("--repeats", type=int, default=30, help="timed runs per path (median taken)")
+    p.add_argument("--repeats", type=int, default=15, help="rounds (every path once per round)")
+    p.add_argument("--calls-per-round", type=int, default=3, help="timed calls per path per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per path first")
     p.add_argument("--image-size", type=int, default=None, help="vision input H = W")
     p.add_argument("--seq-len", type=int, default=32, help="LM sequence length")
@@ -253,6 +254,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             threads=args.threads,
             repeats=args.repeats,
             warmup=args.warmup,
+            calls_per_round=args.calls_per_round,
             workdir=args.workdir or tmp,
             model_name=args.model,
         )
