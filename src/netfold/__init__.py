@@ -5,6 +5,7 @@
 
 from .api import fold
 from .config import DeepInversionConfig, FoldConfig
+from .fuse import FuseConfig, fuse
 from .graph.trace import TraceError, find_groups
 from .io import load, save
 from .report import GroupReport, Report
@@ -12,11 +13,13 @@ from .report import GroupReport, Report
 __all__ = [
     "DeepInversionConfig",
     "FoldConfig",
+    "FuseConfig",
     "GroupReport",
     "Report",
     "TraceError",
     "find_groups",
     "fold",
+    "fuse",
     "load",
     "save",
 ]
