@@ -26,19 +26,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .graph.surgery import set_tensor, sync_attributes
+from .graph.surgery import SHAPE_ATTRS, set_tensor, sync_attributes
 
 FORMAT = "netfold-model/1"
 ARCH_ATTR = "_netfold_arch"
-_WIDTH_ATTRS = (
-    "in_features",
-    "out_features",
-    "in_channels",
-    "out_channels",
-    "groups",
-    "num_features",
-    "num_parameters",
-)
 
 
 def set_arch(model: nn.Module, arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -80,7 +71,7 @@ def _widths(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name, m in model.named_modules():
         attrs = {
-            a: int(getattr(m, a)) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)
+            a: int(getattr(m, a)) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None), int)
         }
         if (
             attrs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-_SHAPE_ATTRS = (
+SHAPE_ATTRS = (
     "in_features",
     "out_features",
     "in_channels",
@@ -88,7 +88,7 @@ class Snapshot:
         self.saved: dict[str, tuple[dict, dict, dict]] = {}
         for n in names:
             m = get_module(root, n)
-            attrs = {a: getattr(m, a) for a in _SHAPE_ATTRS if hasattr(m, a)}
+            attrs = {a: getattr(m, a) for a in SHAPE_ATTRS if hasattr(m, a)}
             for extra in ("momentum", "training"):
                 if hasattr(m, extra):
                     attrs[extra] = getattr(m, extra)
