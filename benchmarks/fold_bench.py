@@ -20,7 +20,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 import netfold
 from netfold.data.fashion_mnist import calibration_batches, load_fashion_mnist
 from netfold.eval.accuracy import evaluate_accuracy
+from netfold.eval.latency import machine_info
 from netfold.eval.variance import CLASSIFIER_INPUT, variance_ratio
 from netfold.fold.deep_inversion import synthesize
 from netfold.models import build_model
@@ -38,22 +38,9 @@ from netfold.models.train import get_trained
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": list(os.getloadavg()),
-    }
+    info = machine_info()
+    info.update(torch_threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()))
+    return info
 
 
 def git_rev() -> str:

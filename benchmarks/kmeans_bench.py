@@ -65,6 +65,7 @@ import torch
 from sklearn.cluster import KMeans, kmeans_plusplus
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from netfold.eval.latency import cpu_model
 from netfold.fold.kmeans import kmeans
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -117,14 +118,7 @@ def objective(X: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor | Non
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

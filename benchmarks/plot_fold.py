@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Folding Fashion-MNIST CNNs without fine-tuning\n",
         f"From `{res['command']}` (git {res['git']}, {res['date']}, {res['machine']['cpu']}, "
-        f"{res['machine']['cores']} cores). Accuracy on {res['n_test']} test images; variance ratio "
+        f"{res['machine'].get('logical_cpus', res['machine'].get('cores'))} cores). Accuracy on {res['n_test']} test images; variance ratio "
         "of the classifier input on 512 of them; fold time includes tracing and FLOP counting.\n",
     ]
     for j, (name, entry) in enumerate(models.items()):

@@ -122,9 +122,7 @@ def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig
         for g in foldable:
             rr = group_ratio(g, config, default=r)
             if rr is not None:
-                out[g.name] = width_for(
-                    g.size, rr if config.ratios and rr != r else r, config, g.head_size
-                )
+                out[g.name] = width_for(g.size, rr, config, g.head_size)
         return out
 
     def sparsity(r: float) -> float:

@@ -49,7 +49,7 @@ def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
     return model.eval()
 
 
-def _input_shape(model: nn.Module, arg: str | None) -> tuple[int, ...] | None:
+def _input_shape(arg: str | None) -> tuple[int, ...] | None:
     if arg:
         return tuple(int(v) for v in arg.split(","))
     return None
@@ -87,7 +87,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         ),
     )
     test, calib = _data(args.data, args.calib)
-    shape = _input_shape(model, args.input_shape)
+    shape = _input_shape(args.input_shape)
     example = None
     if shape is not None:
         example = torch.randn((2,) + shape, generator=torch.Generator().manual_seed(0))

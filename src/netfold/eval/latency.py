@@ -169,19 +169,22 @@ def measure_interleaved(
     return {n: _stats(times[n], warmup, n_threads) for n in names}
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, load, library versions and the date, for a results file."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, load, library versions and the date, for a results file."""
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
