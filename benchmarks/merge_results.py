@@ -16,9 +16,21 @@ def main(argv: list[str]) -> int:
     merged: dict = {"models": {}, "runs": []}
     for p in inputs:
         r = json.loads(Path(p).read_text())
-        for key in ("command", "date", "git", "machine", "seed", "n_test", "calibration", "deep_inversion"):
+        for key in (
+            "command",
+            "date",
+            "git",
+            "machine",
+            "seed",
+            "n_test",
+            "calibration",
+            "deep_inversion",
+        ):
             merged.setdefault(key, r.get(key))
-        merged["runs"].append({k: r.get(k) for k in ("command", "date", "git", "machine")} | {"models": list(r["models"])})
+        merged["runs"].append(
+            {k: r.get(k) for k in ("command", "date", "git", "machine")}
+            | {"models": list(r["models"])}
+        )
         merged["models"].update(r["models"])
         if "full_resnet18_fold_time" in r:
             merged["full_resnet18_fold_time"] = r["full_resnet18_fold_time"]

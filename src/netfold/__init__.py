@@ -1,9 +1,10 @@
 """netfold: compress trained PyTorch networks by changing their structure, without data.
 
-    report = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="ar"))
+report = netfold.fold(model, netfold.FoldConfig(ratio=0.5, repair="ar"))
 """
 
 from .api import fold
+from .collapse import CollapseConfig, collapse
 from .config import DeepInversionConfig, FoldConfig
 from .fuse import FuseConfig, fuse
 from .graph.trace import TraceError, find_groups
@@ -11,12 +12,14 @@ from .io import load, save
 from .report import GroupReport, Report
 
 __all__ = [
+    "CollapseConfig",
     "DeepInversionConfig",
     "FoldConfig",
     "FuseConfig",
     "GroupReport",
     "Report",
     "TraceError",
+    "collapse",
     "find_groups",
     "fold",
     "fuse",

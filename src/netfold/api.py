@@ -9,17 +9,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from fnmatch import fnmatch
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import FoldConfig
+from .config import PRUNE_METHODS, FoldConfig
 from .eval.cost import count_flops, count_params
-from .fold.cluster import cluster
+from .fold.allocate import ALLOCATION_SPREAD, GRID, cost_curve, threshold_allocation
 from .fold.deep_inversion import synthesize
-from .fold.merge import TensorState, cluster_matrices, group_features, merge_group
+from .fold.merge import TensorState, merge_group, merge_matrices
+from .fold.methods import GroupPlan, plan_group
 from .fold.repair import collect_inputs, producer_stats, repair_with_batch
 from .graph.groups import ChannelGroup
 from .graph.surgery import Snapshot, apply_tensors, get_module
@@ -105,9 +107,22 @@ def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str,
     return total
 
 
-def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig) -> dict[str, int]:
-    """Width k of every foldable group, from ratio / ratios / target_sparsity."""
+def plan_widths(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    config: FoldConfig,
+    *,
+    mode: str = "naive",
+    progress: bool = False,
+) -> dict[str, int]:
+    """Width k of every foldable group, from ratio / ratios / target_sparsity / allocation.
+
+    ``mode`` is the clustering feature mode, used by ``allocation="cost"`` to measure each
+    group's folding-cost curve.
+    """
     foldable = [g for g in groups if g.foldable]
+    if config.allocation == "cost":
+        return _cost_widths(model, groups, config, mode, progress)
     if config.target_sparsity is None:
         widths = {}
         for g in foldable:
@@ -115,20 +130,29 @@ def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig
             if r is not None:
                 widths[g.name] = width_for(g.size, r, config, g.head_size)
         return widths
-    total = count_params(model)
+    return _widths_at(groups, config, _uniform_ratio(model, groups, config, config.target_sparsity))
 
-    def widths_at(r: float) -> dict[str, int]:
-        out = {}
-        for g in foldable:
+
+def _widths_at(groups: list[ChannelGroup], config: FoldConfig, r: float) -> dict[str, int]:
+    """Widths with ratio ``r`` wherever no per-group override or skip applies."""
+    out = {}
+    for g in groups:
+        if g.foldable:
             rr = group_ratio(g, config, default=r)
             if rr is not None:
                 out[g.name] = width_for(g.size, rr, config, g.head_size)
-        return out
+    return out
+
+
+def _uniform_ratio(
+    model: nn.Module, groups: list[ChannelGroup], config: FoldConfig, target: float
+) -> float:
+    """The one ratio whose widths come closest to parameter sparsity ``target`` (bisection)."""
+    total = count_params(model)
 
     def sparsity(r: float) -> float:
-        return 1.0 - params_after(model, groups, widths_at(r)) / total
+        return 1.0 - params_after(model, groups, _widths_at(groups, config, r)) / total
 
-    target = config.target_sparsity
     hi_r = 1.0 - 1e-9
     max_sp = sparsity(hi_r)
     if target > max_sp + 1e-9:
@@ -147,7 +171,54 @@ def plan_widths(model: nn.Module, groups: list[ChannelGroup], config: FoldConfig
             lo = mid
         else:
             hi = mid
-    return widths_at(best_r)
+    return best_r
+
+
+def _cost_widths(
+    model: nn.Module, groups: list[ChannelGroup], config: FoldConfig, mode: str, progress: bool
+) -> dict[str, int]:
+    """allocation="cost": equal relative folding cost across groups, at the parameter budget."""
+    total = count_params(model)
+    if config.target_sparsity is None:
+        uniform = plan_widths(model, groups, replace(config, allocation="uniform"))
+        target_params = params_after(model, groups, uniform)
+    else:
+        target_params = int(round(total * (1.0 - config.target_sparsity)))
+    fixed: dict[str, int] = {}
+    free: list[ChannelGroup] = []
+    for g in groups:
+        if not g.foldable or group_ratio(g, config) is None:
+            continue
+        if config.ratios and any(_matches(g, p) for p in config.ratios):
+            fixed[g.name] = width_for(g.size, group_ratio(g, config), config, g.head_size)
+        else:
+            free.append(g)
+    curves = {
+        g.name: cost_curve(
+            model, g, config, mode, lambda n, r, g=g: width_for(n, r, config, g.head_size)
+        )
+        for g in tqdm(free, desc="cost curves", disable=not progress, leave=False)
+    }
+
+    def params_fn(w: dict[str, int]) -> int:
+        return params_after(model, groups, {**fixed, **w})
+
+    # Each group stays within +-ALLOCATION_SPREAD of the uniform ratio meeting the same budget:
+    # unbounded thresholds measured worse than uniform (docs/baselines.md).
+    r_u = _uniform_ratio(model, groups, config, 1.0 - target_params / total)
+    for g in free:
+        c = curves[g.name]
+        c.lo = width_for(g.size, min(r_u + ALLOCATION_SPREAD, 0.99), config, g.head_size)
+        c.hi = width_for(g.size, max(r_u - ALLOCATION_SPREAD, 0.0), config, g.head_size)
+    widths = threshold_allocation(curves, params_fn, target_params)
+    reached = 1.0 - params_after(model, groups, {**fixed, **widths}) / total
+    wanted = 1.0 - target_params / total
+    if reached < wanted - 0.01:
+        raise ValueError(
+            f"target_sparsity {wanted:.3f} is unreachable with allocation='cost': the cost "
+            f"curves stop at ratio {max(GRID)} per group, which removes only {reached:.3f}"
+        )
+    return {**fixed, **widths}
 
 
 def fold(
@@ -159,8 +230,12 @@ def fold(
     synthetic: torch.Tensor | None = None,
     groups: list[ChannelGroup] | None = None,
     progress: bool = False,
+    widths: dict[str, int] | None = None,
 ) -> Report:
     """Fold ``model`` in place: cluster each channel group, merge, repair.
+
+    Hugging Face Llama-family decoders (Llama, SmolLM2, Qwen2, Mistral) are folded by
+    :func:`netfold.families.llama.fold_decoder` (MLP channels and whole attention heads).
 
     Args:
         model: a CNN / MLP (traced with torch.fx) in eval or train mode; its mode is kept.
@@ -174,6 +249,7 @@ def fold(
         groups: precomputed channel groups (from :func:`netfold.graph.find_groups` on this same
             model), to skip tracing.
         progress: show progress bars.
+        widths: decoder LLMs only: explicit widths ``{group name: channels or query heads}``.
 
     Returns:
         A :class:`Report` (parameters, FLOPs, widths per group, skipped groups, time).
@@ -189,6 +265,14 @@ def fold(
         raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .families.llama import fold_decoder, is_hf_decoder
+
+    if is_hf_decoder(model):
+        return fold_decoder(
+            model, config, data=data, widths=widths, groups=groups, progress=progress
+        )
+    if widths is not None:
+        raise ValueError("widths= is supported for decoder LLMs only; use ratios= patterns")
     check_finite(model)
     if config.repair == "data" and data is None:
         raise ValueError(
@@ -206,32 +290,20 @@ def fold(
         example_inputs = (example_inputs,)
     if groups is None:
         groups = find_groups(model, example_inputs)
-    widths = plan_widths(model, groups, config)
+    mode = "ar" if config.repair == "ar" else "naive"
+    widths = plan_widths(model, groups, config, mode=mode, progress=progress)
     params_before = count_params(model)
     one = tuple(t[:1] for t in example_inputs)  # FLOPs are reported per input sample
     flops_before = count_flops(model, one)
 
     todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
-    mode = "ar" if config.repair == "ar" else "naive"
     state: TensorState = {}
-    costs: dict[str, float] = {}
-    labels_of: dict[str, torch.Tensor] = {}
+    plans: dict[str, GroupPlan] = {}
     for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
-        k = widths[g.name]
-        X = group_features(model, g, mode)
-        c = cluster(
-            X,
-            k,
-            config.method,
-            seed=config.seed,
-            n_init=config.n_init,
-            max_iter=config.max_iter,
-            tol=config.tol,
-        )
-        labels_of[g.name] = c.labels
-        costs[g.name] = c.cost
+        plans[g.name] = plan_group(model, g, widths[g.name], config, mode)
     for g in todo:
-        merge_group(state, model, g, labels_of[g.name], widths[g.name], mode)
+        pl = plans[g.name]
+        merge_group(state, model, g, pl.labels, pl.k, mode, pl.rule)
 
     # Everything that needs the ORIGINAL model happens before the write.
     batch = None
@@ -254,7 +326,8 @@ def fold(
         if free:
             stats = producer_stats(model, [p for _, p in free], batch)
             for g, p in free:
-                _, A = cluster_matrices(labels_of[g.name], widths[g.name], torch.float64)
+                pl = plans[g.name]
+                A = merge_matrices(pl.labels, pl.k, pl.rule, torch.float64)[1]
                 mu, sd = stats[p]
                 targets[p] = (A @ mu, A @ sd)
 
@@ -273,7 +346,7 @@ def fold(
         raise
 
     report = Report(
-        operation="fold",
+        operation="prune" if config.method in PRUNE_METHODS else "fold",
         params_before=params_before,
         params_after=count_params(model),
         flops_before=flops_before,
@@ -288,8 +361,8 @@ def fold(
                     g.size,
                     widths.get(g.name, g.size),
                     g.modules,
-                    costs.get(g.name),
-                    labels_of[g.name].tolist() if g.name in labels_of else None,
+                    plans[g.name].cost if g.name in plans else None,
+                    plans[g.name].labels.tolist() if g.name in plans else None,
                 )
             )
         elif g.producers:

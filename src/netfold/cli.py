@@ -5,6 +5,11 @@
     netfold demo
     netfold export MODEL --onnx out.onnx
     netfold bench-latency MODEL
+    netfold collapse MODEL --data fashion-mnist --lc 1.0 --epochs 2 --out DIR
+
+LLMs: MODEL is a Hugging Face folder, a ``.gguf`` file or a hub id, e.g.
+    netfold fold SmolLM2.gguf --target-sparsity 0.2 --ppl pydocs --out DIR
+    netfold eval DIR --ppl pydocs --seqlen 1024
 
 MODEL is a saved netfold directory (netfold.json inside), a checkpoint trained by
 benchmarks/train_fmnist.py (``.safetensors`` with its ``.json``), or an architecture name
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import io
-from .config import METHODS, REPAIRS, DeepInversionConfig, FoldConfig
+from .config import ALLOCATIONS, METHODS, REPAIRS, DeepInversionConfig, FoldConfig
 
 
 def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
@@ -47,6 +52,96 @@ def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         model.load_state_dict(state)
     return model.eval()
+
+
+def is_llm_spec(spec: str) -> bool:
+    """A GGUF file, a Hugging Face model folder, or a hub id ("org/name")."""
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        return True
+    if p.is_dir():
+        return (p / "config.json").is_file() and not (p / "netfold.json").is_file()
+    return "/" in spec and ":" not in spec and not p.exists()
+
+
+def _llm_ids(source: str, tokenizer, split: str = "eval") -> torch.Tensor:
+    """Token ids (T,) of an evaluation text: "pydocs", "wikitext2", a text file or a .pt file."""
+    if source.endswith(".pt"):
+        ids = torch.load(source, weights_only=True)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+            raise ValueError(f"{source} must hold a 1-D tensor of token ids")
+        return ids.long()
+    from .data.text import load_text
+
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass pre-tokenized ids as a .pt file")
+    return tokenizer(load_text(source, split), return_tensors="pt").input_ids[0]
+
+
+def cmd_fold_llm(args: argparse.Namespace) -> int:
+    from .api import fold
+    from .config import LLMConfig
+    from .eval.perplexity import greedy_sample, perplexity
+    from .families.llama import load_causal_lm, save_pretrained
+
+    model, tok = load_causal_lm(args.model)
+    cfg = FoldConfig(
+        ratio=args.ratio if args.ratio is not None else 0.2,
+        target_sparsity=args.target_sparsity,
+        method=args.method,
+        repair=args.repair,
+        seed=args.seed,
+        allocation=args.allocation,
+        skip=tuple(args.skip or ()),
+        llm=LLMConfig(heads=args.heads, correction=args.correction),
+    )
+    data = None
+    if args.repair == "data":
+        from .data.text import token_windows
+
+        data = token_windows(_llm_ids(args.calib_text, tok, "calibration"), 512, args.calib_windows)
+    ids = _llm_ids(args.ppl, tok) if args.ppl else None
+    prompt = args.sample
+    before = {}
+    if ids is not None:
+        before["ppl"] = perplexity(
+            model, tok, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows
+        )
+    if prompt and tok is not None:
+        before["sample"] = greedy_sample(model, tok, prompt)
+    report = fold(model, cfg, data=data, progress=True)
+    print(report)
+    if ids is not None:
+        after = perplexity(model, tok, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows)
+        print(f"  perplexity {before['ppl']:.3f} -> {after:.3f} ({args.ppl})")
+        report.extra.update(ppl_before=before["ppl"], ppl_after=after)
+    if prompt and tok is not None:
+        after_s = greedy_sample(model, tok, prompt)
+        print(f"  sample before: {before['sample']!r}\n  sample after:  {after_s!r}")
+        report.extra.update(
+            sample_prompt=prompt, sample_before=before["sample"], sample_after=after_s
+        )
+    if args.out:
+        d = save_pretrained(model, args.out, tok)
+        (d / "netfold_metadata.json").write_text(json.dumps({"report": report.to_dict()}, indent=1))
+        print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_eval_llm(args: argparse.Namespace) -> int:
+    from .eval.cost import count_params
+    from .eval.perplexity import default_seqlen, perplexity
+    from .families.llama import embedding_params, load_causal_lm
+
+    model, tok = load_causal_lm(args.model)
+    n = count_params(model)
+    print(f"params {n:,} ({n - embedding_params(model):,} non-embedding)")
+    if args.ppl:
+        ids = _llm_ids(args.ppl, tok)
+        seqlen = default_seqlen(model, args.seqlen)
+        ppl = perplexity(model, tok, ids=ids, seqlen=seqlen, max_windows=args.max_windows)
+        print(f"ppl {ppl:.4f} on {args.ppl} ({seqlen}-token windows)")
+    return 0
 
 
 def _input_shape(arg: str | None) -> tuple[int, ...] | None:
@@ -75,10 +170,15 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .api import fold
     from .eval.accuracy import evaluate_accuracy
 
+    if is_llm_spec(args.model):
+        return cmd_fold_llm(args)
+
     model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
     cfg = FoldConfig(
         ratio=args.ratio if args.ratio is not None else 0.5,
         target_sparsity=args.target_sparsity,
+        allocation=args.allocation,
+        skip=tuple(args.skip or ()),
         method=args.method,
         repair=args.repair,
         seed=args.seed,
@@ -117,6 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.accuracy import evaluate_accuracy
     from .eval.cost import count_flops, count_params
 
+    if is_llm_spec(args.model):
+        return cmd_eval_llm(args)
     model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
     test, _ = _data(args.data, 64)
     x = test[0][:1] if test is not None else None
@@ -155,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="constructor kwargs as JSON, e.g. '{\"num_classes\": 10}'",
         )
 
+    def llm_args(p):
+        p.add_argument(
+            "--ppl", help="LLM perplexity text: pydocs, wikitext2, a text file or a .pt of ids"
+        )
+        p.add_argument("--seqlen", type=int, help="LLM window (default 2048 or the model's max)")
+        p.add_argument("--max-windows", type=int, help="score only the first N windows")
+
     p = sub.add_parser("fold", help="fold a model (in a copy on disk)")
     model_args(p)
     g = p.add_mutually_exclusive_group()
@@ -175,15 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input-shape", help="C,H,W of one input (default: inferred)")
     p.add_argument("--out", help="directory to save the folded model")
+    llm_args(p)
+    p.add_argument("--heads", choices=("query", "kv"), default="query", help="LLM head unit")
+    p.add_argument(
+        "--correction", choices=("none", "scale", "lsq"), default="lsq", help="LLM repair='ar'"
+    )
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
+    p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")
+    p.add_argument("--calib-text", default="pydocs", help="LLM calibration text (repair='data')")
+    p.add_argument("--calib-windows", type=int, default=16, help="LLM: 512-token windows")
+    p.add_argument("--sample", help="LLM: greedy generation of this prompt before and after")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("eval", help="parameters, FLOPs and accuracy of a model")
     model_args(p)
     p.add_argument("--data", default="fashion-mnist")
+    llm_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="train-or-reuse a small Fashion-MNIST CNN and fold it")
     p.set_defaults(func=cmd_demo)
+
+    from .bench.cli_handlers import add_bench_parsers
+
+    add_bench_parsers(sub)
+
+    from .collapse.cli_handlers import add_collapse_parser, cmd_collapse
+
+    add_collapse_parser(sub).set_defaults(func=cmd_collapse)
 
     try:
         from .fuse.cli_handlers import (

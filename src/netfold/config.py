@@ -20,9 +20,11 @@ CLUSTER_METHODS = (
     "spectral",
     "greedy",
 )
-METHODS = CLUSTER_METHODS
+PRUNE_METHODS = ("magnitude-l1", "magnitude-l2")
+MERGE_BASELINES = ("ifm",)
+METHODS = CLUSTER_METHODS + PRUNE_METHODS + MERGE_BASELINES
 REPAIRS = ("none", "ar", "dir", "data")
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "cost")
 
 
 class _JSONMixin:
@@ -97,6 +99,60 @@ class DeepInversionConfig(_JSONMixin):
             raise ValueError(f"jitter must be >= 0, got {self.jitter}")
 
 
+LLM_HEAD_UNITS = ("query", "kv")
+LLM_CORRECTIONS = ("none", "scale", "lsq")
+
+
+@dataclass(frozen=True)
+class LLMConfig(_JSONMixin):
+    """Options for decoder LLMs (Hugging Face Llama family); ignored for other models.
+
+    Args:
+        heads: attention folding unit: "query" (query heads, clustered within their KV group;
+            KV heads untouched) or "kv" (whole KV groups: a KV head with its query heads).
+        fold_attention / fold_mlp: which groups of each decoder layer fold.
+        correction: the data-free correction used with ``repair="ar"``: "none"; "scale"
+            (Fold-AR-style: each merged row keeps the mean norm of its members); "lsq" (each
+            merged SwiGLU channel's down_proj column is the least-squares fit of its members'
+            outputs under Gaussian inputs scaled by the RMSNorm weight; merged query heads keep
+            their members' mean norm). See docs/llm.md for what each one measured.
+        gauss_samples: synthetic inputs per layer for the "lsq" correction.
+        ridge: relative ridge term of the least-squares fits (``repair="data"`` and "lsq").
+        protect: MLP channels whose weight gain ||down_i|| ||up_i|| ||gate_i|| exceeds this
+            multiple of the layer's median are never merged or pruned (they carry the massive
+            activations); 0 protects none.
+        synth_sequences / synth_length: ``repair="dir"`` for LLMs: the calibration text is
+            sampled from the model itself (BOS, temperature 1), this many sequences of this
+            many tokens; then the down_proj refit of ``repair="data"`` runs on it (data-free).
+    """
+
+    heads: str = "query"
+    fold_attention: bool = True
+    fold_mlp: bool = True
+    correction: str = "lsq"
+    gauss_samples: int = 512
+    ridge: float = 1e-3
+    protect: float = 8.0
+    synth_sequences: int = 8
+    synth_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.heads not in LLM_HEAD_UNITS:
+            raise ValueError(f"unknown heads unit {self.heads!r}; choose from {LLM_HEAD_UNITS}")
+        if self.correction not in LLM_CORRECTIONS:
+            raise ValueError(
+                f"unknown correction {self.correction!r}; choose from {LLM_CORRECTIONS}"
+            )
+        if self.gauss_samples < 16:
+            raise ValueError(f"gauss_samples must be >= 16, got {self.gauss_samples}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not self.protect >= 0:
+            raise ValueError(f"protect must be >= 0, got {self.protect}")
+        if self.synth_sequences < 1 or self.synth_length < 2:
+            raise ValueError("synth_sequences must be >= 1 and synth_length >= 2")
+
+
 @dataclass(frozen=True)
 class FoldConfig(_JSONMixin):
     """What to fold and how.
@@ -108,9 +164,15 @@ class FoldConfig(_JSONMixin):
             the group name and every module name in the group, first match wins.
         target_sparsity: fraction of all parameters to remove; when set, netfold solves for the
             ratios (uniform, or by ``allocation``) and ``ratio`` is ignored.
-        allocation: how ``target_sparsity`` is spread over groups: "uniform" (one ratio).
+        allocation: how the parameter budget is spread over groups: "uniform" (one ratio) or
+            "cost" (data-free: each group's width from its k-means folding cost curve J(k),
+            normalised by the group's weight energy, one global threshold; see
+            :mod:`netfold.fold.allocate`). With "cost" and no ``target_sparsity`` the budget
+            is the parameter count uniform ``ratio`` would give.
         method: clusterer ("kmeans", "agglomerative-{ward,complete,average,single}", "spectral",
-            "greedy").
+            "greedy"), or a baseline on the same groups: "magnitude-l1" / "magnitude-l2"
+            (structured pruning by the coupled weights' norm) or "ifm" (iterative feature
+            merging).
         repair: "none" (Fold-naive), "ar" (approximate REPAIR, data-free), "dir" (Deep-Inversion
             REPAIR, data-free), "data" (REPAIR with calibration batches).
         seed: seeds every random choice (k-means init, deep inversion).
@@ -119,6 +181,7 @@ class FoldConfig(_JSONMixin):
         min_channels: no group is folded below this width.
         skip: fnmatch patterns of groups/modules never to fold.
         deep_inversion: settings for repair="dir".
+        llm: options for decoder LLMs (heads unit, data-free correction).
     """
 
     ratio: float = 0.5
@@ -134,6 +197,7 @@ class FoldConfig(_JSONMixin):
     min_channels: int = 1
     skip: tuple[str, ...] = ()
     deep_inversion: DeepInversionConfig = field(default_factory=DeepInversionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
         _check_fraction("ratio", self.ratio)
@@ -173,6 +237,10 @@ class FoldConfig(_JSONMixin):
             )
         if not isinstance(self.deep_inversion, DeepInversionConfig):
             raise TypeError("deep_inversion must be a DeepInversionConfig")
+        if isinstance(self.llm, dict):
+            object.__setattr__(self, "llm", LLMConfig.from_dict(self.llm))
+        if not isinstance(self.llm, LLMConfig):
+            raise TypeError("llm must be a LLMConfig")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -180,4 +248,7 @@ class FoldConfig(_JSONMixin):
         return d
 
 
-_NESTED: dict[tuple[str, str], type] = {("FoldConfig", "deep_inversion"): DeepInversionConfig}
+_NESTED: dict[tuple[str, str], type] = {
+    ("FoldConfig", "deep_inversion"): DeepInversionConfig,
+    ("FoldConfig", "llm"): LLMConfig,
+}

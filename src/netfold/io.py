@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .graph.edits import apply_edits, get_edits
 from .graph.surgery import SHAPE_ATTRS, set_tensor, sync_attributes
 
 FORMAT = "netfold-model/1"
@@ -70,9 +71,7 @@ def build(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 def _widths(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name, m in model.named_modules():
-        attrs = {
-            a: int(getattr(m, a)) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None), int)
-        }
+        attrs = {a: int(getattr(m, a)) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None), int)}
         if (
             attrs
             and any(True for _ in m.parameters(recurse=False))
@@ -94,6 +93,10 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "save_pretrained") and hasattr(model, "config")
+
+
 def save(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -111,9 +114,24 @@ def save(
             CLI recorded on the model.
         metadata: JSON-serialisable extras (e.g. the fold Report) stored in ``netfold.json``.
 
+    Hugging Face models are written with ``save_pretrained`` (per-layer widths in the config,
+    see :mod:`netfold.families.llama`), metadata in ``netfold_metadata.json``.
+
     Raises:
         ValueError: no architecture spec is known, or a tensor is not finite.
     """
+    if arch is None and getattr(model, ARCH_ATTR, None) is None and _is_hf(model):
+        # HF models marked with an arch spec (encoders: netfold.families.encoders.mark_hf)
+        # take the netfold format below, which replays structural edits on load.
+        from .families.llama import save_pretrained
+
+        d = save_pretrained(model, directory)
+        if metadata:
+            _atomic_write_bytes(
+                d / "netfold_metadata.json",
+                lambda p: Path(p).write_text(json.dumps(metadata, indent=1, sort_keys=True)),
+            )
+        return d
     spec = getattr(model, ARCH_ATTR, None)
     if arch is not None:
         spec = {"arch": arch, "kwargs": dict(kwargs or {})}
@@ -128,6 +146,7 @@ def save(
         "kwargs": spec["kwargs"],
         "widths": _widths(model),
         "metadata": metadata or {},
+        "edits": get_edits(model),
     }
     json.dumps(info)  # fail before writing anything if metadata is not serialisable
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -143,15 +162,24 @@ def save(
 
 
 def load(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (eval mode, CPU) with its folded widths."""
+    """Rebuild a model saved by :func:`save` (eval mode, CPU) with its folded widths.
+
+    A Hugging Face folder (``config.json``, no ``netfold.json``) loads as a causal LM, with
+    per-layer widths when the config records them.
+    """
     d = Path(directory)
     meta_path = d / "netfold.json"
+    if not meta_path.is_file() and (d / "config.json").is_file():
+        from .families.llama import load_pretrained
+
+        return load_pretrained(d)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d} has no netfold.json: not a saved netfold model")
     info = json.loads(meta_path.read_text())
     if info.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unsupported format {info.get('format')!r}")
     model = build(info["arch"], info["kwargs"])
+    apply_edits(model, info.get("edits", []))  # collapsed pairs, PReLUs, folded heads
     state = load_file(str(d / "model.safetensors"))
     for name, attrs in info["widths"].items():
         m = model.get_submodule(name)

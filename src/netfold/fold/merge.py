@@ -96,6 +96,40 @@ def cluster_matrices(
     return U, U.t() / counts[:, None]
 
 
+MERGE_RULES = ("fold", "ifm", "prune")
+
+
+def merge_matrices(
+    labels: torch.Tensor, k: int, rule: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linear maps of one merge: (P_prod (k, n), P_chan (k, n), C (n, k), members (n, k)).
+
+    New producer rows are ``P_prod @ W_l``, new per-channel parameters ``P_chan @ p``, new
+    consumer columns ``W_{l+1} @ C``; ``members`` is the one-hot cluster membership.
+
+    - "fold": producers and per-channel parameters take the cluster mean, consumers the sum.
+    - "ifm": IFM's rule as its authors coded it: producer rows are SUMMED, per-channel
+      parameters averaged and consumer columns averaged (weighted by merge counts). Exact for
+      a positively homogeneous activation without normalisation, biased with BatchNorm.
+    - "prune": ``labels`` holds each kept channel's new index and -1 for pruned ones;
+      everything is a selection.
+    """
+    n = labels.shape[0]
+    if rule == "prune":
+        kept = (labels >= 0).nonzero().flatten()
+        if kept.numel() != k or not torch.equal(labels[kept].sort().values, torch.arange(k)):
+            raise ValueError(f"prune labels must keep exactly {k} channels with ids 0..{k - 1}")
+        S = torch.zeros(k, n, dtype=dtype)
+        S[labels[kept], kept] = 1.0
+        return S, S, S.t(), S.t()
+    U, A = cluster_matrices(labels, k, dtype)
+    if rule == "fold":
+        return A, A, U, U
+    if rule == "ifm":
+        return U.t(), A, A.t(), U
+    raise ValueError(f"unknown merge rule {rule!r}; choose from {MERGE_RULES}")
+
+
 def _mean_rows(A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     shape = t.shape
     return (A.to(t.dtype) @ t.reshape(shape[0], -1)).reshape((A.shape[0],) + tuple(shape[1:]))
@@ -130,8 +164,12 @@ def merge_group(
     labels: torch.Tensor,
     k: int,
     mode: str,
+    rule: str = "fold",
 ) -> None:
     """Fold ``group`` to ``k`` channels according to ``labels`` (n,), writing into ``state``.
+
+    ``rule`` picks the linear maps (:func:`merge_matrices`): "fold" (default), "ifm" or
+    "prune" (``labels`` then marks kept channels, -1 for pruned).
 
     ``mode`` "ar" applies approximate REPAIR: BatchNorm normalisation is folded into the
     producer first, and each merged channel's BN scale (or, without BN, its weight row) is
@@ -139,7 +177,7 @@ def merge_group(
     re-estimate statistics afterwards.
     """
     dtype = torch.float64
-    U, A = cluster_matrices(labels, k, dtype)
+    P, A, C, U = merge_matrices(labels, k, rule, dtype)
     bn_paired = group.bn_of if mode == "ar" else {}
     paired_bns = set(bn_paired.values())
 
@@ -153,7 +191,7 @@ def merge_group(
             sigma = _bn_sigma(bn).to(w.dtype)
             w = w / sigma.reshape((-1,) + (1,) * (w.dim() - 1))
             b = b / sigma if b is not None else None
-        w_new = _mean_rows(A, w.to(dtype))
+        w_new = _mean_rows(P, w.to(dtype))
         if mode == "ar" and p not in bn_paired:
             # No BatchNorm to carry the correction: rescale the merged rows so that, for white
             # inputs, each merged channel keeps the mean variance ||w_i||^2 of its members.
@@ -166,7 +204,7 @@ def merge_group(
             w_new = w_new * f.reshape((-1,) + (1,) * (w_new.dim() - 1))
         _put(state, p, "weight", w_new.to(m.weight.dtype))
         if b is not None:
-            _put(state, p, "bias", (A @ b.to(dtype)).to(m.weight.dtype))
+            _put(state, p, "bias", (P @ b.to(dtype)).to(m.weight.dtype))
 
     for c in group.channel_ops:
         m = get_module(model, c)
@@ -204,5 +242,5 @@ def merge_group(
         out = w.shape[0]
         rest = tuple(w.shape[2:])
         w4 = w.to(dtype).reshape(out, group.size, cons.repeat, math.prod(rest) if rest else 1)
-        w_new = torch.einsum("onrs,nk->okrs", w4, U).reshape((out, k * cons.repeat) + rest)
+        w_new = torch.einsum("onrs,nk->okrs", w4, C).reshape((out, k * cons.repeat) + rest)
         _put(state, cons.module, "weight", w_new.to(m.weight.dtype))

@@ -36,6 +36,8 @@ class ChannelGroup:
         bn_of: producer name -> the BatchNorm that directly normalises its output, if any.
         head_size: channels move in blocks of this size (1 for CNNs/MLPs; head_dim for heads).
         frozen_reasons: non-empty when the group must not be folded (and why).
+        input_norm: a norm (e.g. RMSNorm) whose per-feature weight scales the producers' inputs;
+            data-free features weight the producer columns by it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class ChannelGroup:
     bn_of: dict[str, str] = field(default_factory=dict)
     head_size: int = 1
     frozen_reasons: list[str] = field(default_factory=list)
+    input_norm: str | None = None
 
     @property
     def foldable(self) -> bool:
@@ -58,3 +61,87 @@ class ChannelGroup:
         for m in self.producers + self.channel_ops + [c.module for c in self.consumers]:
             seen.setdefault(m, None)
         return list(seen)
+
+
+HEAD_UNITS = ("query", "kv")
+
+
+@dataclass
+class HeadGroup:
+    """The attention heads of one layer, folded as whole heads so RoPE dimensions stay together.
+
+    Query head h reads key/value head ``h // (num_heads // num_kv_heads)`` (grouped-query
+    attention). The clustering unit is either a query head, clustered only with the query heads
+    of its own KV group (every KV group keeps the same number of query heads), or a whole KV
+    group (one KV head with its query heads). q/k/v rows are merged by the cluster mean (head
+    dimension d of one head with dimension d of the others), o_proj columns by the sum.
+
+    Attributes:
+        name: the attention module.
+        q, k, v, o: the projection modules (q/k/v: (heads * head_dim, hidden) weights;
+            o: (hidden, num_heads * head_dim)).
+        num_heads / num_kv_heads / head_dim: the current shape.
+        unit: "query" or "kv" (see above); "query" with one query head per KV head is "kv".
+        input_norm: the norm in front of q/k/v (its weight scales the data-free features).
+        frozen_reasons: non-empty when the group must not be folded.
+    """
+
+    name: str
+    q: str
+    k: str
+    v: str
+    o: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    unit: str = "query"
+    input_norm: str | None = None
+    frozen_reasons: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.unit not in HEAD_UNITS:
+            raise ValueError(f"unit must be one of {HEAD_UNITS}, got {self.unit!r}")
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{self.name}: {self.num_heads} query heads cannot share {self.num_kv_heads} KV heads"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def effective_unit(self) -> str:
+        return "kv" if self.group_size == 1 else self.unit
+
+    @property
+    def size(self) -> int:
+        """Units the clustering sees: KV groups, or query heads per KV group."""
+        return self.num_kv_heads if self.effective_unit == "kv" else self.group_size
+
+    @property
+    def foldable(self) -> bool:
+        return not self.frozen_reasons and self.size > 1
+
+    @property
+    def modules(self) -> list[str]:
+        return [self.q, self.k, self.v, self.o]
+
+    def heads_for(self, k_units: int) -> tuple[int, int]:
+        """(query heads, KV heads) kept when the clustering keeps ``k_units`` units."""
+        if self.effective_unit == "kv":
+            return k_units * self.group_size, k_units
+        return k_units * self.num_kv_heads, self.num_kv_heads
+
+    def units_for_heads(self, num_heads: int) -> int:
+        """Units that keep exactly ``num_heads`` query heads; ValueError if none does."""
+        for u in range(1, self.size + 1):
+            if self.heads_for(u)[0] == num_heads:
+                return u
+        reachable = [self.heads_for(u)[0] for u in range(1, self.size + 1)]
+        raise ValueError(
+            f"{self.name}: {num_heads} query heads cannot be met by folding "
+            f"{'KV groups' if self.effective_unit == 'kv' else 'query heads within KV groups'} "
+            f"of {self.num_heads} heads / {self.num_kv_heads} KV heads; reachable: {reachable}"
+        )

@@ -13,14 +13,26 @@ from typing import Any
 from torch import nn
 
 from netfold.models.cifar import mlp, resnet18_cifar, small_cnn, vgg11_bn_cifar
+from netfold.models.classifiers import mlp_mixer, vgg11_bn_tv
 
-__all__ = ["MODELS", "build_model", "mlp", "resnet18_cifar", "small_cnn", "vgg11_bn_cifar"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "mlp",
+    "mlp_mixer",
+    "resnet18_cifar",
+    "small_cnn",
+    "vgg11_bn_cifar",
+    "vgg11_bn_tv",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "vgg11_bn_cifar": vgg11_bn_cifar,
     "small_cnn": small_cnn,
     "mlp": mlp,
+    "vgg11_bn_tv": vgg11_bn_tv,
+    "mlp_mixer": mlp_mixer,
 }
 
 

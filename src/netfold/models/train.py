@@ -82,6 +82,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet18_cifar": {"width": 0.5, "epochs": 2, "lr": 0.1, "model_kwargs": {}},
     "vgg11_bn_cifar": {"width": 0.5, "epochs": 5, "lr": 0.05, "model_kwargs": {}},
     "mlp": {"width": 1.0, "epochs": 5, "lr": 0.05, "model_kwargs": {"batch_norm": True}},
+    # LayerCollapse experiments: torchvision-style VGG11-BN (quarter-width convs, 1x1 pool,
+    # 2048-wide classifier holding 88% of the 5.1M parameters) and a 4-block MLP-Mixer
+    # (8x8 patches: 16 tokens of 128 channels, channel MLP 128-512-128; 0.55M parameters).
+    "vgg11_bn_tv": {
+        "width": 0.25,
+        "epochs": 4,
+        "lr": 0.05,
+        "model_kwargs": {"pool": 1, "hidden": 2048},
+    },
+    "mlp_mixer": {
+        "width": 1.0,
+        "epochs": 4,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "augment": False,
+        "model_kwargs": {"patch": 8, "token_hidden": 64},
+    },
 }
 _COMMON = {
     "batch_size": 128,

@@ -1,0 +1,14 @@
+"""Baselines on folding's channel groups, behind the same ``netfold.fold`` call and Report.
+
+- :mod:`.magnitude`: structured magnitude pruning (L1 / L2 of the coupled channel weights),
+  ``FoldConfig(method="magnitude-l1" | "magnitude-l2")``;
+- :mod:`.ifm`: iterative feature merging (Chen et al., 2023), ``FoldConfig(method="ifm")``.
+
+Both return the same kind of plan as a clusterer (labels per channel plus a merge rule for
+:func:`netfold.fold.merge.merge_matrices`), so surgery, repairs and reports are shared.
+"""
+
+from .ifm import ifm_labels
+from .magnitude import coupled_slices, magnitude_scores, top_k_labels
+
+__all__ = ["coupled_slices", "ifm_labels", "magnitude_scores", "top_k_labels"]

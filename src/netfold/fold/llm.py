@@ -1,0 +1,367 @@
+"""Folding math for decoder LLMs: SwiGLU MLP channels and whole attention heads (GQA-aware).
+
+Notation as in :mod:`netfold.fold.merge`: a cluster's producer rows (gate_proj / up_proj, or
+q/k/v rows of a head) become their mean, the consumer columns (down_proj, o_proj) their sum.
+Everything is functional: new tensors go into a ``TensorState``; the model is not touched.
+
+The merged SwiGLU channel ``silu(g_bar x) * (u_bar x)`` is not the mean of its members'
+outputs (the product is not linear in the rows). Corrections:
+
+- "scale": each merged gate/up row (and each merged query head) is rescaled to the mean norm
+  of its members (Fold-AR's idea without BatchNorm), clamped to [1, sqrt(N)].
+- "lsq": the merged channel's down_proj column is ``sum_i a_i d_i`` with
+  ``a_i = E[h_i h_c] / E[h_c^2]``: the least-squares weight of member i's output h_i on the
+  merged output h_c, the expectation taken over synthetic inputs z ~ N(0, I) fed through the
+  RMSNorm weight (data-free); duplicates get a_i = 1, i.e. the plain sum.
+- ``repair="data"``: the whole down_proj is refit by ridge least squares on real inputs:
+  ``D' = D C_om (C_mm + lambda I)^-1`` with C the (original, merged) activation covariances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..graph.groups import ChannelGroup, HeadGroup
+from ..graph.surgery import get_module
+from .merge import TensorState, _get, _put, cluster_matrices
+
+DT = torch.float64
+
+
+def _w(model: nn.Module, name: str) -> torch.Tensor:
+    return get_module(model, name).weight.detach()
+
+
+def _b(model: nn.Module, name: str) -> torch.Tensor | None:
+    b = getattr(get_module(model, name), "bias", None)
+    return None if b is None else b.detach()
+
+
+def input_scale(model: nn.Module, norm: str | None, hidden: int) -> torch.Tensor:
+    """The RMSNorm weight in front of a group's producers, (hidden,) float64 (ones if none)."""
+    if norm is None:
+        return torch.ones(hidden, dtype=DT)
+    w = getattr(get_module(model, norm), "weight", None)
+    return torch.ones(hidden, dtype=DT) if w is None else w.detach().to(DT)
+
+
+# ----------------------------------------------------------------------------------- MLP
+def mlp_features(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
+    """Channel features of a SwiGLU group: [gate rows * s | up rows * s | down cols], (I, 3h).
+
+    ``s`` is the RMSNorm weight in front of the MLP: rows are compared as they act on the
+    normalised stream.
+    """
+    gate, up = (_w(model, p).to(DT) for p in g.producers)
+    s = input_scale(model, g.input_norm, gate.shape[1])
+    cols = [gate * s, up * s]
+    for c in g.consumers:
+        cols.append(_w(model, c.module).to(DT).t())
+    return torch.cat(cols, 1)
+
+
+def channel_gain(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
+    """Weight-only gain of each SwiGLU channel: ||d_i|| ||u_i * s|| ||g_i * s||, (I,).
+
+    A few channels ("super weights") have gains tens of times the median; they create the
+    massive activations that attention sinks rely on, and merging them breaks the model.
+    """
+    gate, up = (_w(model, p).to(DT) for p in g.producers)
+    down = _w(model, g.consumers[0].module).to(DT)
+    s = input_scale(model, g.input_norm, gate.shape[1])
+    return down.norm(dim=0) * (up * s).norm(dim=1) * (gate * s).norm(dim=1)
+
+
+def protected_channels(gain: torch.Tensor, factor: float) -> torch.Tensor:
+    """Indices (sorted) of channels whose gain exceeds ``factor`` times the median (0: none)."""
+    if factor <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return (gain > factor * gain.median()).nonzero().flatten()
+
+
+def mlp_features_outer(
+    model: nn.Module, g: ChannelGroup, gate_weight: float = 1.0, dim: int = 1024, seed: int = 0
+) -> torch.Tensor:
+    """Symmetry-invariant channel features: [gate row * s | sketch of down_i (up_i * s)^T].
+
+    A SwiGLU channel's up/down pair only acts through the rank-1 map d_i u_i^T, which is
+    invariant to u -> c u, d -> d / c (including sign flips) while the concatenated rows are
+    not. The map is sketched with random features (D A) * (U B) / sqrt(dim), whose inner
+    products equal (d_i . d_j)(u_i . u_j) in expectation. Both blocks are normalised to unit
+    mean squared row norm; ``gate_weight`` scales the gate block. Returns (I, h + dim).
+    """
+    gate, up = (_w(model, p).to(DT) for p in g.producers)
+    down = _w(model, g.consumers[0].module).to(DT).t()  # (I, h_out)
+    s = input_scale(model, g.input_norm, gate.shape[1])
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(down.shape[1], dim, generator=gen, dtype=DT)
+    B = torch.randn(up.shape[1], dim, generator=gen, dtype=DT)
+    outer = (down @ A) * ((up * s) @ B) / dim**0.5
+    gs = gate * s
+    gs = gs / (gs * gs).sum(1).mean().sqrt().clamp_min(1e-30)
+    outer = outer / (outer * outer).sum(1).mean().sqrt().clamp_min(1e-30)
+    return torch.cat([gate_weight * gs, outer], 1)
+
+
+def rank1_merge(
+    down: torch.Tensor, up_s: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-1 map per cluster: d_c u_c^T ~ sum_{i in c} d_i u_i^T (Frobenius).
+
+    Args:
+        down: (h_out, I) consumer columns (already weighted per member if wanted).
+        up_s: (I, h) up rows in the input-scaled space.
+        labels: (I,) clusters.
+
+    Returns:
+        (down_new (h_out, k), up_new (k, h)); ||up_new_c|| is the members' mean row norm.
+    """
+    h_out, h = down.shape[0], up_s.shape[1]
+    d_new = torch.zeros(h_out, k, dtype=DT)
+    u_new = torch.zeros(k, h, dtype=DT)
+    counts = torch.bincount(labels, minlength=k)
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    for n in torch.unique(counts).tolist():
+        cl = (counts == n).nonzero().flatten()  # clusters of size n
+        idx = order[starts[cl][:, None] + torch.arange(n)[None, :]]  # (B, n) members
+        Dm = down[:, idx].permute(1, 0, 2)  # (B, h_out, n)
+        Um = up_s[idx]  # (B, n, h)
+        if n == 1:
+            d_new[:, cl] = Dm[:, :, 0].t()
+            u_new[cl] = Um[:, 0]
+            continue
+        Qd, Rd = torch.linalg.qr(Dm)  # (B, h_out, n), (B, n, n)
+        Qu, Ru = torch.linalg.qr(Um.transpose(1, 2))  # (B, h, n), (B, n, n)
+        a, sig, bh = torch.linalg.svd(Rd @ Ru.transpose(1, 2))
+        left = Qd @ a[:, :, 0:1]  # (B, h_out, 1)
+        right = Qu @ bh[:, 0:1, :].transpose(1, 2)  # (B, h, 1)
+        mean_norm = Um.norm(dim=2).mean(1)  # (B,)
+        # keep the sign that agrees with the members' mean up row
+        sign = torch.sign((right[:, :, 0] * Um.mean(1)).sum(1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        u_new[cl] = right[:, :, 0] * (mean_norm * sign)[:, None]
+        d_new[:, cl] = (
+            left[:, :, 0] * (sig[:, 0] / mean_norm.clamp_min(1e-30) * sign)[:, None]
+        ).t()
+    return d_new, u_new
+
+
+def swiglu(z: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(z gate^T) * (z up^T): z (S, h), gate/up (n, h) -> (S, n)."""
+    return F.silu(z @ gate.t()) * (z @ up.t())
+
+
+def gaussian_inputs(hidden: int, n: int, seed: int) -> torch.Tensor:
+    """(n, hidden) standard normal samples (the normalised residual stream, data-free)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, hidden, generator=g, dtype=DT)
+
+
+def merge_mlp(
+    state: TensorState,
+    model: nn.Module,
+    g: ChannelGroup,
+    labels: torch.Tensor,
+    k: int,
+    correction: str = "none",
+    inputs: torch.Tensor | None = None,
+    ridge: float = 1e-3,
+) -> None:
+    """Fold a SwiGLU group to ``k`` channels: gate/up rows mean, down_proj columns (weighted) sum.
+
+    Args:
+        labels: (I,) cluster of each intermediate channel.
+        correction: "none", "scale", "lsq" (needs ``inputs``: Gaussian samples, (S, hidden),
+            already multiplied by the RMSNorm weight) or "data" (``inputs``: real normalised
+            MLP inputs (S, hidden); refits down_proj by ridge least squares).
+    """
+    gate_n, up_n = g.producers
+    down_n = g.consumers[0].module
+    U, A = cluster_matrices(labels, k, DT)
+    gate, up = _w(model, gate_n).to(DT), _w(model, up_n).to(DT)
+    down = _get(state, model, down_n, "weight").to(DT)  # (h, I)
+    g_new, u_new = A @ gate, A @ up
+    N = U.sum(0)
+    if correction == "scale":
+        for name, rows, new in (("gate", gate, g_new), ("up", up, u_new)):
+            f = torch.sqrt((A @ (rows * rows).sum(1)) / (new * new).sum(1).clamp_min(1e-30))
+            f = torch.minimum(f.clamp_min(1.0), N.sqrt())
+            if name == "gate":
+                g_new = new * f[:, None]
+            else:
+                u_new = new * f[:, None]
+    if correction in ("lsq", "data"):
+        if inputs is None:
+            raise ValueError(f"correction {correction!r} needs inputs")
+        # the per-member weights need no float64 (and cost most of a fold in it)
+        wt = torch.float32 if correction == "lsq" else DT
+        z = inputs.to(wt)
+        h_m = swiglu(z, g_new.to(wt), u_new.to(wt)).to(DT)  # (S, k)
+        h_o = swiglu(z, gate.to(wt), up.to(wt)).to(DT)  # (S, I)
+        if correction == "lsq":
+            num = (h_o * h_m[:, labels]).sum(0)  # (I,)
+            den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
+            a = torch.where(den > 1e-20, num / den, torch.ones_like(num))
+            d_new = down @ (U * a[:, None])
+        else:
+            c_mm = h_m.t() @ h_m
+            c_om = h_o.t() @ h_m
+            lam = ridge * float(torch.diagonal(c_mm).mean().clamp_min(1e-30))
+            d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), (down @ c_om).t()).t()
+    else:
+        d_new = down @ U
+    dt = _w(model, gate_n).dtype
+    _put(state, gate_n, "weight", g_new.to(dt))
+    _put(state, up_n, "weight", u_new.to(dt))
+    _put(state, down_n, "weight", d_new.to(dt))
+    for p in (gate_n, up_n):
+        b = _b(model, p)
+        if b is not None:
+            _put(state, p, "bias", (A @ b.to(DT)).to(b.dtype))
+
+
+def prune_mlp(state: TensorState, model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
+    """Keep only channels ``keep`` (sorted (k,) indices) of a SwiGLU group."""
+    for p in g.producers:
+        _put(state, p, "weight", _w(model, p)[keep].clone())
+        b = _b(model, p)
+        if b is not None:
+            _put(state, p, "bias", b[keep].clone())
+    for c in g.consumers:
+        _put(state, c.module, "weight", _get(state, model, c.module, "weight")[:, keep].clone())
+
+
+# --------------------------------------------------------------------------------- heads
+def _heads(w: torch.Tensor, n: int, hd: int) -> torch.Tensor:
+    """(n * hd, h) rows -> (n, hd, h)."""
+    return w.reshape(n, hd, -1)
+
+
+def head_features(model: nn.Module, hg: HeadGroup) -> list[torch.Tensor]:
+    """Features of the clustering units, one (units, d) matrix per independent block.
+
+    "query" units: one block per KV group, rows [q rows of the head * s | o_proj columns];
+    "kv" units: one block, rows [k rows | v rows | q rows of its query heads | o columns].
+    """
+    nh, nkv, hd, gs = hg.num_heads, hg.num_kv_heads, hg.head_dim, hg.group_size
+    s = input_scale(model, hg.input_norm, _w(model, hg.q).shape[1])
+    q = _heads(_w(model, hg.q).to(DT) * s, nh, hd)  # (nh, hd, h)
+    o = _w(model, hg.o).to(DT).reshape(-1, nh, hd).permute(1, 2, 0)  # (nh, hd, h)
+    qo = torch.cat([q.reshape(nh, -1), o.reshape(nh, -1)], 1)  # (nh, 2 hd h)
+    if hg.effective_unit == "query":
+        return [qo[j * gs : (j + 1) * gs] for j in range(nkv)]
+    k = _heads(_w(model, hg.k).to(DT) * s, nkv, hd).reshape(nkv, -1)
+    v = _heads(_w(model, hg.v).to(DT) * s, nkv, hd).reshape(nkv, -1)
+    return [torch.cat([k, v, qo.reshape(nkv, -1)], 1)]
+
+
+def head_maps(hg: HeadGroup, block_labels: list[torch.Tensor], k_units: int):
+    """Query-head and KV-head cluster matrices from per-block unit labels.
+
+    Returns:
+        (U_q (nh, nh'), A_q (nh', nh), U_kv (nkv, nkv'), A_kv (nkv', nkv)).
+    """
+    nh, nkv, gs = hg.num_heads, hg.num_kv_heads, hg.group_size
+    if hg.effective_unit == "query":
+        q_labels = torch.cat([j * k_units + lab for j, lab in enumerate(block_labels)])
+        U_q, A_q = cluster_matrices(q_labels, nkv * k_units, DT)
+        U_kv, A_kv = cluster_matrices(torch.arange(nkv), nkv, DT)
+    else:
+        kv_labels = block_labels[0]
+        U_kv, A_kv = cluster_matrices(kv_labels, k_units, DT)
+        q_labels = (kv_labels[:, None] * gs + torch.arange(gs)[None, :]).reshape(nh)
+        U_q, A_q = cluster_matrices(q_labels, k_units * gs, DT)
+    return U_q, A_q, U_kv, A_kv
+
+
+def _merge_rows(A: torch.Tensor, w: torch.Tensor, hd: int) -> torch.Tensor:
+    n = A.shape[1]
+    return torch.einsum("mn,ndh->mdh", A, _heads(w.to(DT), n, hd)).reshape(A.shape[0] * hd, -1)
+
+
+def _norm_fix(A: torch.Tensor, w: torch.Tensor, new: torch.Tensor, hd: int) -> torch.Tensor:
+    """Scale each merged head (all its dims alike, so RoPE is kept) to its members' mean norm."""
+    n, m = A.shape[1], A.shape[0]
+    old_sq = (_heads(w.to(DT), n, hd) ** 2).sum((1, 2))
+    new_sq = (_heads(new, m, hd) ** 2).sum((1, 2)).clamp_min(1e-30)
+    f = torch.sqrt((A @ old_sq) / new_sq)
+    N = (A > 0).sum(1).to(DT)
+    f = torch.minimum(f.clamp_min(1.0), N.sqrt())
+    return (_heads(new, m, hd) * f[:, None, None]).reshape(m * hd, -1)
+
+
+def merge_heads(
+    state: TensorState,
+    model: nn.Module,
+    hg: HeadGroup,
+    block_labels: list[torch.Tensor],
+    k_units: int,
+    correction: str = "none",
+) -> None:
+    """Fold whole heads: q/k/v rows of a cluster's heads -> mean, o_proj columns -> sum."""
+    hd = hg.head_dim
+    U_q, A_q, U_kv, A_kv = head_maps(hg, block_labels, k_units)
+    dt = _w(model, hg.q).dtype
+    for name, A in ((hg.q, A_q), (hg.k, A_kv), (hg.v, A_kv)):
+        if A.shape[0] == A.shape[1] and name != hg.q:
+            continue  # query-head folding leaves K/V untouched
+        w = _w(model, name)
+        new = _merge_rows(A, w, hd)
+        if correction in ("scale", "lsq") and name in (hg.q, hg.k):
+            new = _norm_fix(A, w, new, hd)
+        _put(state, name, "weight", new.to(dt))
+        b = _b(model, name)
+        if b is not None:
+            _put(state, name, "bias", (A @ b.to(DT).reshape(-1, hd)).reshape(-1).to(b.dtype))
+    o = _get(state, model, hg.o, "weight").to(DT)
+    h = o.shape[0]
+    o_new = torch.einsum("onh,nm->omh", o.reshape(h, hg.num_heads, hd), U_q).reshape(h, -1)
+    _put(state, hg.o, "weight", o_new.to(dt))
+
+
+def prune_heads(
+    state: TensorState, model: nn.Module, hg: HeadGroup, keep_blocks: list[torch.Tensor]
+) -> None:
+    """Keep the units ``keep_blocks`` (sorted indices per block) of a head group."""
+    hd, gs = hg.head_dim, hg.group_size
+    if hg.effective_unit == "query":
+        q_heads = torch.cat([j * gs + kb for j, kb in enumerate(keep_blocks)])
+        kv_heads = torch.arange(hg.num_kv_heads)
+    else:
+        kv_heads = keep_blocks[0]
+        q_heads = (kv_heads[:, None] * gs + torch.arange(gs)[None, :]).reshape(-1)
+
+    def rows(heads: torch.Tensor) -> torch.Tensor:
+        return (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+
+    for name, heads in ((hg.q, q_heads), (hg.k, kv_heads), (hg.v, kv_heads)):
+        r = rows(heads)
+        _put(state, name, "weight", _w(model, name)[r].clone())
+        b = _b(model, name)
+        if b is not None:
+            _put(state, name, "bias", b[r].clone())
+    _put(state, hg.o, "weight", _get(state, model, hg.o, "weight")[:, rows(q_heads)].clone())
+
+
+def magnitude_keep(X: torch.Tensor, k: int, p: int = 2) -> torch.Tensor:
+    """Indices (sorted, (k,)) of the k rows of X (n, d) with the largest L_p norm."""
+    score = X.abs().pow(p).sum(1) if p == 1 else (X * X).sum(1)
+    return torch.sort(torch.topk(score, k).indices).values
+
+
+def nn_merge_costs(X: torch.Tensor) -> torch.Tensor:
+    """Cheap folding-cost curve: cost of merging the m closest pairs, m = 0..n-1, (n,).
+
+    Each row's squared distance to its nearest other row, halved (a pair merged into its mean
+    costs ||x_i - x_j||^2 / 2), sorted ascending and accumulated: an upper-bound proxy of the
+    k-means cost J(n - m) that needs one Gram matrix instead of n clusterings.
+    """
+    X = X.to(DT)
+    sq = (X * X).sum(1)
+    D = (sq[:, None] + sq[None, :] - 2 * X @ X.t()).clamp_min(0)
+    D.fill_diagonal_(float("inf"))
+    d = torch.sort(D.min(1).values / 2).values
+    return torch.cat([torch.zeros(1, dtype=DT), torch.cumsum(d, 0)[:-1]])

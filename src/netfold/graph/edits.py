@@ -1,0 +1,122 @@
+"""Structural edits (module replacements, attribute changes) recorded so a saved model rebuilds.
+
+Folding only changes widths, which :mod:`netfold.io` restores from the saved tensor shapes.
+LayerCollapse and head folding also change the module *structure*: an activation becomes a
+PReLU, a collapsed pair becomes one Linear plus Identities, an attention module keeps fewer
+heads. Every such change is made through :func:`replace_module` / :func:`set_attributes`,
+which append a JSON entry to the model's ``_netfold_edits`` list; :func:`netfold.save` writes
+the list and :func:`netfold.load` replays it on the freshly built architecture before loading
+the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .surgery import get_module
+
+EDITS_ATTR = "_netfold_edits"
+
+__all__ = [
+    "EDITS_ATTR",
+    "apply_edits",
+    "build_module",
+    "get_edits",
+    "module_spec",
+    "replace_module",
+    "set_attributes",
+]
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """JSON description of a module that :func:`build_module` can rebuild (empty weights).
+
+    Raises:
+        TypeError: a module type edits cannot describe.
+    """
+    if isinstance(module, nn.Identity):
+        return {"type": "Identity"}
+    if isinstance(module, nn.PReLU):
+        return {"type": "PReLU", "num_parameters": module.num_parameters}
+    if isinstance(module, nn.Linear):
+        return {
+            "type": "Linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
+    raise TypeError(f"cannot record a replacement by {type(module).__name__}")
+
+
+def build_module(spec: dict[str, Any]) -> nn.Module:
+    """Instantiate a :func:`module_spec` description."""
+    kind = spec.get("type")
+    if kind == "Identity":
+        return nn.Identity()
+    if kind == "PReLU":
+        return nn.PReLU(int(spec["num_parameters"]))
+    if kind == "Linear":
+        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"]))
+    raise ValueError(f"unknown module spec {spec!r}")
+
+
+def get_edits(root: nn.Module) -> list[dict[str, Any]]:
+    """The structural edits recorded on ``root`` (a new list; empty when none)."""
+    return list(getattr(root, EDITS_ATTR, None) or [])
+
+
+def _record(root: nn.Module, edit: dict[str, Any]) -> None:
+    edits = getattr(root, EDITS_ATTR, None)
+    if edits is None:
+        edits = []
+        setattr(root, EDITS_ATTR, edits)
+    edits.append(edit)
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if not name:
+        raise ValueError("cannot replace the root module")
+    parent_name, _, attr = name.rpartition(".")
+    return (get_module(root, parent_name) if parent_name else root), attr
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module, *, record: bool = True) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``root`` and return the module it replaces.
+
+    Args:
+        root: the model.
+        name: dotted module name (``"classifier.3"``, ``"encoder.layer.0.intermediate.dense"``).
+        new: the replacement (Identity, PReLU or Linear when ``record``).
+        record: append the replacement to the model's edit list (for save / load).
+    """
+    parent, attr = _parent(root, name)
+    if attr not in parent._modules:
+        raise KeyError(f"module {name!r} not found in {type(root).__name__}")
+    spec = module_spec(new) if record else None
+    old = parent._modules[attr]
+    parent._modules[attr] = new
+    if spec is not None:
+        _record(root, {"op": "replace", "module": name, "spec": spec})
+    return old
+
+
+def set_attributes(root: nn.Module, name: str, attrs: dict[str, int]) -> None:
+    """Set plain int attributes of module ``name`` (e.g. ``num_attention_heads``) and record it."""
+    m = get_module(root, name)
+    for a, v in attrs.items():
+        setattr(m, a, int(v))
+    _record(root, {"op": "setattr", "module": name, "attrs": {a: int(v) for a, v in attrs.items()}})
+
+
+def apply_edits(root: nn.Module, edits: list[dict[str, Any]]) -> None:
+    """Replay recorded edits on a freshly built model (weights are loaded afterwards)."""
+    for e in edits:
+        op = e.get("op")
+        if op == "replace":
+            replace_module(root, e["module"], build_module(e["spec"]))
+        elif op == "setattr":
+            set_attributes(root, e["module"], e["attrs"])
+        else:
+            raise ValueError(f"unknown structural edit {e!r}")
