@@ -26,7 +26,7 @@ from .fold.repair import collect_inputs, producer_stats, repair_with_batch
 from .graph.groups import ChannelGroup
 from .graph.surgery import Snapshot, apply_tensors, get_module
 from .graph.trace import find_groups, infer_example_inputs
-from .report import GroupReport, Report
+from .report import Report
 
 
 def check_finite(model: nn.Module) -> None:
@@ -353,19 +353,11 @@ def fold(
         flops_after=count_flops(model, one) if todo else flops_before,
         config=config.to_dict(),
     )
-    for g in groups:
-        if g.foldable:
-            report.groups.append(
-                GroupReport(
-                    g.name,
-                    g.size,
-                    widths.get(g.name, g.size),
-                    g.modules,
-                    plans[g.name].cost if g.name in plans else None,
-                    plans[g.name].labels.tolist() if g.name in plans else None,
-                )
-            )
-        elif g.producers:
-            report.skipped.append((g.name, "; ".join(g.frozen_reasons)))
+    report.add_groups(
+        groups,
+        widths,
+        {n: p.cost for n, p in plans.items()},
+        {n: p.labels for n, p in plans.items()},
+    )
     report.seconds = time.perf_counter() - t0
     return report

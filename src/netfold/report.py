@@ -59,6 +59,33 @@ class Report:
             return None
         return self.flops_after / self.flops_before
 
+    def add_groups(
+        self,
+        groups: list[Any],
+        widths: dict[str, int],
+        costs: dict[str, float],
+        labels: dict[str, Any],
+    ) -> None:
+        """Record every channel group: foldable ones with width before/after, folding cost and
+        cluster labels (a sequence or Tensor per group name); frozen producer groups in
+        ``skipped`` with their reasons. ``groups`` are :class:`netfold.graph.groups.ChannelGroup`.
+        """
+        for g in groups:
+            if g.foldable:
+                lab = labels.get(g.name)
+                self.groups.append(
+                    GroupReport(
+                        g.name,
+                        g.size,
+                        widths.get(g.name, g.size),
+                        g.modules,
+                        costs.get(g.name),
+                        lab.tolist() if hasattr(lab, "tolist") else lab,
+                    )
+                )
+            elif g.producers:
+                self.skipped.append((g.name, "; ".join(g.frozen_reasons)))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sparsity"] = self.sparsity

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..graph.groups import ChannelGroup, Consumer
-from ..report import GroupReport, Report
+from ..report import Report
 
 __all__ = [
     "ATTENTION_LAYOUTS",
@@ -383,19 +383,6 @@ def fold_encoder(
         params_after=count_params(model),
         config=config.to_dict(),
     )
-    for g in groups:
-        if g.foldable:
-            report.groups.append(
-                GroupReport(
-                    g.name,
-                    g.size,
-                    widths.get(g.name, g.size),
-                    g.modules,
-                    costs.get(g.name),
-                    labels_of[g.name].tolist() if g.name in labels_of else None,
-                )
-            )
-        else:
-            report.skipped.append((g.name, "; ".join(g.frozen_reasons)))
+    report.add_groups(groups, widths, costs, labels_of)
     report.seconds = time.perf_counter() - t0
     return report

@@ -168,6 +168,25 @@ VGG11_CONFIG: tuple[int | str, ...] = (
 )
 
 
+def vgg_features(
+    config: Sequence[int | str], in_channels: int, width: float
+) -> tuple[nn.Sequential, int]:
+    """VGG feature extractor: 3x3 conv-BN-ReLU per int in ``config``, 2x2 max-pool per "M".
+
+    Returns the Sequential and its output channels (``config``'s widths scaled by ``width``).
+    """
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in config:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            out = scale_width(int(v), width)
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            c = out
+    return nn.Sequential(*layers), c
+
+
 class VGGCIFAR(nn.Module):
     """CIFAR VGG with BatchNorm: ``features`` (conv-BN-ReLU / max-pool) and a torchvision-style
     three-layer ``classifier`` (Linear-ReLU-Dropout-Linear-ReLU-Dropout-Linear).
@@ -191,16 +210,7 @@ class VGGCIFAR(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for v in config:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                out = scale_width(int(v), width)
-                layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
-                c = out
-        self.features = nn.Sequential(*layers)
+        self.features, c = vgg_features(config, in_channels, width)
         self.classifier = nn.Sequential(
             nn.Linear(c, classifier_width),
             nn.ReLU(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from netfold.models.cifar import VGG11_CONFIG, _init_weights, scale_width
+from netfold.models.cifar import VGG11_CONFIG, _init_weights, scale_width, vgg_features
 
 __all__ = ["Mlp", "MixerBlock", "MLPMixer", "VGGTorchvision", "mlp_mixer", "vgg11_bn_tv"]
 
@@ -47,16 +47,7 @@ class VGGTorchvision(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for v in VGG11_CONFIG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                out = scale_width(int(v), width)
-                layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
-                c = out
-        self.features = nn.Sequential(*layers)
+        self.features, c = vgg_features(VGG11_CONFIG, in_channels, width)
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
         self.classifier = nn.Sequential(
             nn.Linear(c * pool * pool, hidden),
