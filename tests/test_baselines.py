@@ -221,3 +221,27 @@ def test_cost_allocation_respects_overrides_and_skip():
     assert get_module(model, "layer4.1.conv1").out_channels == 128
     assert get_module(model, "layer3.0.conv1").out_channels == 64
     assert abs(rep.sparsity - 0.4) < 0.01
+
+
+def test_cost_allocation_folds_a_redundant_group_harder():
+    """A group whose channels are planted duplicates costs nothing to fold, so the cost
+    allocation folds it further than uniform would; without the duplicates it does not."""
+    x = torch.randn(2, 1, 28, 28)
+    name = "layer3.0.conv1"
+
+    def width(model: nn.Module) -> int:
+        cfg = netfold.FoldConfig(ratio=0.3, allocation="cost", repair="none", n_init=2)
+        rep = netfold.fold(model, cfg, example_inputs=x)
+        return next(g.width_after for g in rep.groups if g.name == name)
+
+    plain = _small_resnet()
+    group = next(g for g in netfold.find_groups(plain, x) if g.name == name)
+    planted = copy.deepcopy(plain)
+    src = torch.arange(group.size) % (group.size // 2)
+    with torch.no_grad():
+        m = planted.layer3[0]
+        for t in (m.conv1.weight, m.bn1.weight, m.bn1.bias, m.bn1.running_mean, m.bn1.running_var):
+            t.copy_(t[src])
+        m.conv2.weight.copy_(m.conv2.weight[:, src])
+    uniform = round(group.size * 0.7)  # 45 of 64
+    assert width(planted) < uniform <= width(plain)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from fnmatch import fnmatch
 
 import torch
@@ -46,13 +45,7 @@ def _matches(g: ChannelGroup, pattern: str) -> bool:
 
 def group_ratio(g: ChannelGroup, config: FoldConfig, default: float | None = None) -> float | None:
     """The ratio that applies to group ``g`` (None when it is skipped)."""
-    if any(_matches(g, p) for p in config.skip):
-        return None
-    if config.ratios:
-        for pat, r in config.ratios.items():
-            if _matches(g, pat):
-                return r
-    return config.ratio if default is None else default
+    return config.ratio_for(g.name, _owner_modules(g), default)
 
 
 def width_for(n: int, ratio: float, config: FoldConfig, head_size: int = 1) -> int:
@@ -120,16 +113,10 @@ def plan_widths(
     ``mode`` is the clustering feature mode, used by ``allocation="cost"`` to measure each
     group's folding-cost curve.
     """
-    foldable = [g for g in groups if g.foldable]
     if config.allocation == "cost":
         return _cost_widths(model, groups, config, mode, progress)
     if config.target_sparsity is None:
-        widths = {}
-        for g in foldable:
-            r = group_ratio(g, config)
-            if r is not None:
-                widths[g.name] = width_for(g.size, r, config, g.head_size)
-        return widths
+        return _widths_at(groups, config, config.ratio)
     return _widths_at(groups, config, _uniform_ratio(model, groups, config, config.target_sparsity))
 
 
@@ -180,17 +167,19 @@ def _cost_widths(
     """allocation="cost": equal relative folding cost across groups, at the parameter budget."""
     total = count_params(model)
     if config.target_sparsity is None:
-        uniform = plan_widths(model, groups, replace(config, allocation="uniform"))
-        target_params = params_after(model, groups, uniform)
+        r_u = config.ratio  # the budget is what this uniform ratio gives
+        target_params = params_after(model, groups, _widths_at(groups, config, r_u))
     else:
         target_params = int(round(total * (1.0 - config.target_sparsity)))
+        r_u = _uniform_ratio(model, groups, config, config.target_sparsity)
     fixed: dict[str, int] = {}
     free: list[ChannelGroup] = []
     for g in groups:
-        if not g.foldable or group_ratio(g, config) is None:
+        r = group_ratio(g, config) if g.foldable else None
+        if r is None:
             continue
         if config.ratios and any(_matches(g, p) for p in config.ratios):
-            fixed[g.name] = width_for(g.size, group_ratio(g, config), config, g.head_size)
+            fixed[g.name] = width_for(g.size, r, config, g.head_size)
         else:
             free.append(g)
     curves = {
@@ -205,7 +194,6 @@ def _cost_widths(
 
     # Each group stays within +-ALLOCATION_SPREAD of the uniform ratio meeting the same budget:
     # unbounded thresholds measured worse than uniform (docs/baselines.md).
-    r_u = _uniform_ratio(model, groups, config, 1.0 - target_params / total)
     for g in free:
         c = curves[g.name]
         c.lo = width_for(g.size, min(r_u + ALLOCATION_SPREAD, 0.99), config, g.head_size)
@@ -215,8 +203,9 @@ def _cost_widths(
     wanted = 1.0 - target_params / total
     if reached < wanted - 0.01:
         raise ValueError(
-            f"target_sparsity {wanted:.3f} is unreachable with allocation='cost': the cost "
-            f"curves stop at ratio {max(GRID)} per group, which removes only {reached:.3f}"
+            f"target_sparsity {wanted:.3f} is unreachable with allocation='cost': with each "
+            f"group at most {ALLOCATION_SPREAD} above the uniform ratio and below {max(GRID)}, "
+            f"only {reached:.3f} can be removed"
         )
     return {**fixed, **widths}
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Any
 
 CLUSTER_METHODS = (
@@ -241,6 +243,24 @@ class FoldConfig(_JSONMixin):
             object.__setattr__(self, "llm", LLMConfig.from_dict(self.llm))
         if not isinstance(self.llm, LLMConfig):
             raise TypeError("llm must be a LLMConfig")
+
+    def ratio_for(
+        self, name: str, modules: Iterable[str], default: float | None = None
+    ) -> float | None:
+        """The ratio for the group ``name`` whose modules are ``modules``: None when a ``skip``
+        pattern matches, else the first matching ``ratios`` pattern, else ``default`` (or
+        ``ratio``). Patterns are fnmatch'ed against the name and every module name."""
+        names = [name, *modules]
+
+        def hit(pattern: str) -> bool:
+            return any(fnmatch(n, pattern) for n in names)
+
+        if any(hit(p) for p in self.skip):
+            return None
+        for pat, r in (self.ratios or {}).items():
+            if hit(pat):
+                return r
+        return self.ratio if default is None else default
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -38,6 +38,14 @@ def _name(label: str, repair: str) -> str:
     return f"{label}{REPAIR_NAMES.get(repair, '+' + repair)}"
 
 
+def _label_axes(ax: plt.Axes, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
@@ -85,12 +93,8 @@ def plot_results(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
                     label=_name(lab, rep),
                 )
             ax.axhline(100 * dense, color="k", lw=0.8, label="dense")
-            ax.set_title(f"{model} ({title})")
-            ax.set_xlabel("parameter sparsity (%)")
-            ax.set_ylabel("test accuracy (%)")
             ax.set_ylim(0, 100)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+            _label_axes(ax, f"{model} ({title})", "parameter sparsity (%)", "test accuracy (%)")
     written.append(out_dir / f"{name}_accuracy.png")
     _save(fig, written[-1])
 
@@ -113,11 +117,12 @@ def plot_results(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
                 )
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("variance ratio at the classifier input (compressed / dense)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_axes(
+            ax,
+            model,
+            "variance ratio at the classifier input (compressed / dense)",
+            "test accuracy (%)",
+        )
     written.append(out_dir / f"{name}_variance.png")
     _save(fig, written[-1])
 
@@ -141,11 +146,12 @@ def plot_results(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
                 )
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log")
-            ax.set_xlabel("layer (forward order; last = classifier input)")
-            ax.set_ylabel("variance ratio")
-            ax.set_title(f"{model}, ratio {plv[0]['ratio']}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _label_axes(
+                ax,
+                f"{model}, ratio {plv[0]['ratio']}",
+                "layer (forward order; last = classifier input)",
+                "variance ratio",
+            )
         written.append(out_dir / f"{name}_layers.png")
         _save(fig, written[-1])
 
@@ -166,11 +172,7 @@ def plot_results(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
                     color=cmap(i % 10),
                     label=_name(lab.removeprefix("Clusterer: "), rep),
                 )
-            ax.set_xlabel("parameter sparsity (%)")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{model}: clusterers")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _label_axes(ax, f"{model}: clusterers", "parameter sparsity (%)", "test accuracy (%)")
         written.append(out_dir / f"{name}_clusterers.png")
         _save(fig, written[-1])
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import importlib.util
 import math
 import os
@@ -173,10 +172,6 @@ def full_width(g: ChannelGroup | HeadGroup) -> int:
     return g.size
 
 
-def _matches(g: ChannelGroup | HeadGroup, pattern: str) -> bool:
-    return fnmatch.fnmatch(g.name, pattern) or any(fnmatch.fnmatch(m, pattern) for m in g.modules)
-
-
 def _kind_enabled(g: ChannelGroup | HeadGroup, config: FoldConfig) -> bool:
     return config.llm.fold_attention if isinstance(g, HeadGroup) else config.llm.fold_mlp
 
@@ -185,13 +180,9 @@ def group_ratio(
     g: ChannelGroup | HeadGroup, config: FoldConfig, default: float | None = None
 ) -> float | None:
     """The ratio for group ``g``: None when skipped (``skip`` pattern or its kind switched off)."""
-    if not _kind_enabled(g, config) or any(_matches(g, p) for p in config.skip):
+    if not _kind_enabled(g, config):
         return None
-    if config.ratios:
-        for pat, r in config.ratios.items():
-            if _matches(g, pat):
-                return r
-    return config.ratio if default is None else default
+    return config.ratio_for(g.name, g.modules, default)
 
 
 def width_at(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
