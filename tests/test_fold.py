@@ -281,6 +281,39 @@ def test_target_sparsity(target):
     assert abs(rep.sparsity - target) < 0.01, rep.sparsity
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "cost"])
+def test_round_to_gives_multiples_and_meets_budget(allocation):
+    model = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.5))
+    x = torch.randn(1, 1, 32, 32)
+    cfg = dict(repair="none", n_init=1, max_iter=5, allocation=allocation)
+    plain = netfold.fold(
+        copy.deepcopy(model), netfold.FoldConfig(ratio=0.3, **cfg), example_inputs=x
+    )
+    # negative control: exact ratios give widths that are not multiples of 8 (32 -> 22)
+    assert any(g.width_after % 8 for g in plain.groups if g.width_after < g.width_before)
+    rep = netfold.fold(model, netfold.FoldConfig(ratio=0.3, round_to=8, **cfg), example_inputs=x)
+    folded = [g for g in rep.groups if g.width_after < g.width_before]
+    assert folded and all(g.width_after % 8 == 0 for g in folded), [
+        (g.name, g.width_after) for g in folded
+    ]
+    assert abs(rep.sparsity - plain.sparsity) < 0.03, (rep.sparsity, plain.sparsity)
+    assert model(x).shape == (1, 10)
+
+
+def test_round_to_width_rule():
+    from netfold.api import width_for
+
+    cfg = netfold.FoldConfig(round_to=8)
+    assert width_for(64, 0.3, cfg) == 48  # 44.8 -> 45 -> 48
+    assert width_for(64, 0.0, cfg) == 64  # identity stays the identity
+    assert width_for(64, 0.99, cfg) == 8  # never below one multiple
+    assert width_for(6, 0.5, cfg) == 6  # narrower than round_to: keeps its width
+    assert width_for(64, 0.9, netfold.FoldConfig(round_to=8, min_channels=11)) == 16
+    assert width_for(64, 0.3, netfold.FoldConfig()) == 45
+    with pytest.raises(ValueError, match="round_to"):
+        netfold.FoldConfig(round_to=0)
+
+
 def test_per_layer_ratios_and_skip():
     model = _randomise_bn(build_model("vgg11_bn_cifar", in_channels=1, num_classes=10, width=0.25))
     x = torch.randn(2, 1, 32, 32)

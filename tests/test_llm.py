@@ -213,8 +213,48 @@ def test_repair_dir_uses_self_generated_text():
     assert ids.shape == (2, 16) and torch.equal(ids, fam.self_generated_ids(model, 2, 16, seed=0))
     llm = LLMConfig(fold_attention=False, synth_sequences=2, synth_length=16)
     report = netfold.fold(model, FoldConfig(ratio=0.5, repair="dir", llm=llm))
-    assert report.extra["correction"] == "data" and report.extra["self_generation_seconds"] > 0
+    assert report.extra["refit"] == "diag" and report.extra["self_generation_seconds"] > 0
     assert torch.isfinite(logits(model, X)).all()
+
+
+def test_diag_refit_scales_merged_columns_only():
+    """refit="diag": down_proj columns of the merge are member-weighted sums, never mixed."""
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    llm = dict(fold_attention=False)
+    plain, diag, full = tiny("llama"), tiny("llama"), tiny("llama")
+    ref = logits(plain, ids)
+    orig = tiny("llama").model.layers[0].mlp.down_proj.weight.detach().double()
+    errs, resid = {}, {}
+    for name, model, repair, refit in (
+        ("none", plain, "none", "auto"),
+        ("diag", diag, "data", "diag"),
+        ("full", full, "data", "full"),
+    ):
+        rep = netfold.fold(
+            model,
+            FoldConfig(ratio=0.5, repair=repair, llm=LLMConfig(refit=refit, **llm)),
+            data=ids,
+        )
+        errs[name] = float((logits(model, ids) - ref).pow(2).mean())
+        if name == "diag":
+            assert rep.extra["refit"] == "diag" and rep.extra["correction"] == "lsq"
+        # each merged column against the span of its members' original columns
+        labels = torch.tensor(next(g for g in rep.groups if g.name == "model.layers.0.mlp").labels)
+        new = model.model.layers[0].mlp.down_proj.weight.detach().double()
+        worst = 0.0
+        for j in range(new.shape[1]):
+            members = orig[:, labels == j]
+            a = torch.linalg.lstsq(members, new[:, j : j + 1]).solution
+            worst = max(worst, float((members @ a - new[:, j : j + 1]).norm() / new[:, j].norm()))
+        resid[name] = worst
+    # mean/sum and the diag refit only weight a cluster's members; the full refit mixes them
+    assert resid["none"] < 1e-6 and resid["diag"] < 1e-6 and resid["full"] > 1e-2, resid
+    assert not torch.equal(
+        plain.model.layers[0].mlp.down_proj.weight, diag.model.layers[0].mlp.down_proj.weight
+    )
+    assert errs["diag"] < errs["none"] and errs["full"] < errs["none"], errs
+    with pytest.raises(ValueError, match="refit"):
+        LLMConfig(refit="nope")
 
 
 def test_save_from_pretrained_uniform(tmp_path):

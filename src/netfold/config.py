@@ -103,6 +103,7 @@ class DeepInversionConfig(_JSONMixin):
 
 LLM_HEAD_UNITS = ("query", "kv")
 LLM_CORRECTIONS = ("none", "scale", "lsq")
+LLM_REFITS = ("auto", "full", "diag")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,13 @@ class LLMConfig(_JSONMixin):
         synth_sequences / synth_length: ``repair="dir"`` for LLMs: the calibration text is
             sampled from the model itself (BOS, temperature 1), this many sequences of this
             many tokens; then the down_proj refit of ``repair="data"`` runs on it (data-free).
+        refit: the down_proj refit of ``repair="data"`` / ``"dir"``: "full" (ridge least
+            squares of every merged column on the original outputs, k x k normal equations),
+            "diag" (the "lsq" correction's per-member weights, estimated on the token
+            activations instead of Gaussian samples: one scalar per original channel) or
+            "auto": "full" on calibration text (``repair="data"``), "diag" on self-generated
+            text (``repair="dir"``), which is too unlike real text for a full refit
+            (benchmarks/results/llm_variants.json).
     """
 
     heads: str = "query"
@@ -137,6 +145,7 @@ class LLMConfig(_JSONMixin):
     protect: float = 8.0
     synth_sequences: int = 8
     synth_length: int = 128
+    refit: str = "auto"
 
     def __post_init__(self) -> None:
         if self.heads not in LLM_HEAD_UNITS:
@@ -145,6 +154,8 @@ class LLMConfig(_JSONMixin):
             raise ValueError(
                 f"unknown correction {self.correction!r}; choose from {LLM_CORRECTIONS}"
             )
+        if self.refit not in LLM_REFITS:
+            raise ValueError(f"unknown refit {self.refit!r}; choose from {LLM_REFITS}")
         if self.gauss_samples < 16:
             raise ValueError(f"gauss_samples must be >= 16, got {self.gauss_samples}")
         if not self.ridge >= 0:
@@ -181,6 +192,10 @@ class FoldConfig(_JSONMixin):
         n_init / max_iter / tol: k-means restarts, Lloyd iterations per restart, relative
             tolerance on the objective for early stopping.
         min_channels: no group is folded below this width.
+        round_to: channel groups are folded to a multiple of this many channels (nearest,
+            never below it, never above the group's width): 8 or 16 matches the channel blocks
+            of CPU / GPU convolution and GEMM kernels, so the folded model runs at the speed
+            its FLOPs promise (benchmarks/latency_bench.py); 1 keeps exact ratios.
         skip: fnmatch patterns of groups/modules never to fold.
         deep_inversion: settings for repair="dir".
         llm: options for decoder LLMs (heads unit, data-free correction).
@@ -197,6 +212,7 @@ class FoldConfig(_JSONMixin):
     max_iter: int = 20
     tol: float = 1e-4
     min_channels: int = 1
+    round_to: int = 1
     skip: tuple[str, ...] = ()
     deep_inversion: DeepInversionConfig = field(default_factory=DeepInversionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -230,6 +246,10 @@ class FoldConfig(_JSONMixin):
             raise ValueError(f"tol must be >= 0, got {self.tol}")
         if self.min_channels < 1:
             raise ValueError(f"min_channels (k) must be >= 1, got {self.min_channels}")
+        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool):
+            raise TypeError(f"round_to must be an int, got {self.round_to!r}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise TypeError("skip must be a sequence of fnmatch patterns (strings)")
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -577,7 +577,12 @@ def fold_decoder(
     inputs = None
     if config.repair in ("data", "dir") and todo:
         inputs = collect_mlp_inputs(model, data, seed=config.seed)
-    correction = "data" if config.repair in ("data", "dir") else "none"
+    correction, refit = "none", None
+    if config.repair in ("data", "dir"):
+        refit = config.llm.refit
+        if refit == "auto":
+            refit = "full" if config.repair == "data" else "diag"
+        correction = "data" if refit == "full" else "lsq"
     if config.repair == "ar":
         correction = config.llm.correction
 
@@ -614,12 +619,12 @@ def fold_decoder(
                 continue
             c = _cluster_protected(X, k, prot, config)
             z = None
-            if correction == "lsq":
+            if inputs is not None:
+                z = inputs[g.name]
+            elif correction == "lsq":
                 hidden = get_module(model, g.producers[0]).in_features
                 s = L.input_scale(model, g.input_norm, hidden)
                 z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
-            elif correction == "data":
-                z = inputs[g.name]
             L.merge_mlp(state, model, g, c.labels, k, correction, z, config.llm.ridge)
             labels_of[g.name] = c.labels.tolist()
             costs[g.name] = c.cost
@@ -661,6 +666,7 @@ def fold_decoder(
         non_embedding_params_after=params_after - emb,
         non_embedding_sparsity=1.0 - (params_after - emb) / (params_before - emb),
         correction=correction,
+        refit=refit,
         heads_unit=config.llm.heads,
     )
     if synth_seconds is not None:

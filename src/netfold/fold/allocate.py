@@ -84,7 +84,8 @@ def cost_curve(
             grid_e.append(0.0)
             continue
         grid_e.append(plan_group(model, group, k, cfg, mode).cost / max(energy, 1e-30))
-    cand = np.arange(grid_k[0], n + 1, h)
+    step = h if h > 1 else config.round_to  # whole heads, or multiples of round_to
+    cand = np.unique(np.append(np.arange(grid_k[0], n + 1, step), n))
     e = np.interp(cand, np.asarray(grid_k, dtype=np.float64), np.asarray(grid_e))
     # a non-increasing curve: the cost of width k is the worst cost of any width >= k
     e = np.maximum.accumulate(e[::-1])[::-1]
