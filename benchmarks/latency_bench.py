@@ -30,18 +30,31 @@ import torch
 
 from netfold.eval.cost import count_flops, count_params
 from netfold.eval.latency import format_latency_table, machine_info
-from netfold.fuse.bench import benchmark_paths
+from netfold.fuse.bench import _label, benchmark_paths, parse_path
 from netfold.fuse.cli_handlers import load_model
 
-BASE_PATHS = ["eager", "fused", "compile", "fused_compile", "ort", "fused_ort"]
-FOLD_PATHS = ["folded", "folded_fused", "folded_fused_compile", "folded_fused_ort"]
+BASE_PATHS = ["eager", "fused", "fusednhwc", "compile", "fused_compile", "ort", "fused_ort"]
+# "folded": FoldConfig(ratio=0.3, round_to=16); "foldedexact": the same with round_to=1
+FOLD_PATHS = [
+    "folded",
+    "folded_fused",
+    "folded_fusednhwc",
+    "folded_fused_compile",
+    "folded_fused_ort",
+    "foldedexact",
+    "foldedexact_fused",
+]
 # (folded path, the unfolded path it is compared with)
 FOLD_PAIRS = [
     ("folded", "eager"),
     ("folded_fused", "fused"),
+    ("folded_fusednhwc", "fusednhwc"),
     ("folded_fused_compile", "fused_compile"),
     ("folded_fused_ort", "fused_ort"),
+    ("foldedexact", "eager"),
+    ("foldedexact_fused", "fused"),
 ]
+FUSED_FAST = ["fused_compile", "fused_ort", "fusednhwc"]
 TARGETS = {"fused_eager_speedup": 1.1, "best_fused_speedup": 1.5, "fold_latency_vs_flops": 0.8}
 
 
@@ -55,13 +68,17 @@ def _wait_for_quiet(threshold: float | None, max_wait: float) -> None:
     print(f"loadavg {os.getloadavg()} after waiting {time.time() - t0:.0f} s", flush=True)
 
 
-def _folded_resnet18(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, dict]:
-    from netfold import FoldConfig, fold  # the lead's fold API
+def _folded_resnet18(
+    model: torch.nn.Module, x: torch.Tensor, round_to: int
+) -> tuple[torch.nn.Module, dict]:
+    from netfold import FoldConfig, fold
 
     folded = copy.deepcopy(model)
-    rep = fold(folded, FoldConfig(ratio=0.3, repair="none"), example_inputs=x)
+    cfg = FoldConfig(ratio=0.3, repair="none", round_to=round_to)
+    rep = fold(folded, cfg, example_inputs=x)
     return folded.eval(), {
-        "config": {"ratio": 0.3, "repair": "none"},
+        "config": {"ratio": 0.3, "repair": "none", "round_to": round_to},
+        "widths": sorted({g.width_after for g in rep.groups}),
         "params_before": count_params(model),
         "params_after": count_params(folded),
         "sparsity": 1 - count_params(folded) / count_params(model),
@@ -76,16 +93,17 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for b, row in res["batches"].items():
         sp = row["speedup_vs_eager"]
-        fused_paths = [p for p in ("fused_compile", "fused_ort") if p in sp]
+        fused_paths = [p for p in FUSED_FAST if p in sp]
         best = max(fused_paths, key=lambda p: sp[p]) if fused_paths else None
         s: dict[str, Any] = {
             "fused_eager_speedup": sp.get("fused"),
+            "fused_nhwc_eager_speedup": sp.get("fusednhwc"),
             "best_fused_path": best,
             "best_fused_speedup": sp.get(best) if best else None,
         }
+        eager_best = max((v for v in (sp.get("fused"), sp.get("fusednhwc")) if v), default=None)
         s["fused_eager_target_met"] = (
-            s["fused_eager_speedup"] is not None
-            and s["fused_eager_speedup"] >= TARGETS["fused_eager_speedup"]
+            eager_best is not None and eager_best >= TARGETS["fused_eager_speedup"]
         )
         s["best_fused_target_met"] = (
             s["best_fused_speedup"] is not None
@@ -94,10 +112,12 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         lat = row["latency"]
         if "folded" in lat:
             flops = row["flops"]
-            flop_ratio = flops["original"] / flops["folded"]
             pairs = {}
+            variants = ("folded", "foldedexact")
             for folded, base in FOLD_PAIRS:
                 if folded in lat and base in lat:
+                    f_label = _label(*parse_path(folded, variants)[:2])
+                    flop_ratio = flops[_label(*parse_path(base, variants)[:2])] / flops[f_label]
                     speed = lat[base]["median_ms"] / lat[folded]["median_ms"]
                     pairs[f"{folded}_vs_{base}"] = {
                         "latency_ratio": speed,
@@ -142,8 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fold_info = None
         if name == "resnet18" and not args.no_fold:
             try:
-                folded, fold_info = _folded_resnet18(lm.model, inputs[min(inputs)])
-                variants["folded"] = folded
+                x = inputs[min(inputs)]
+                folded, fold_info = _folded_resnet18(lm.model, x, args.round_to)
+                exact, exact_info = _folded_resnet18(lm.model, x, 1)
+                variants.update(folded=folded, foldedexact=exact)
+                fold_info["exact"] = exact_info
                 paths += FOLD_PATHS
             except ImportError as e:
                 print(f"netfold.fold unavailable ({e}); skipping the folded rows", flush=True)
@@ -183,6 +206,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _cfg(info: dict[str, Any]) -> str:
+    return "FoldConfig(" + ", ".join(f"{k}={v!r}" for k, v in info["config"].items()) + ")"
+
+
 def table(path: str) -> str:
     """Markdown tables (latency, targets, folding) from a results file."""
     res = json.loads(Path(path).read_text())
@@ -197,8 +224,9 @@ def table(path: str) -> str:
         "",
         format_latency_table(res),
         "",
-        "| model | batch | fused eager | best fused path | target (>=1.1x / >=1.5x) |",
-        "|---|---:|---:|---:|---|",
+        "| model | batch | fused eager | fused eager, NHWC | best fused path "
+        "| target (>=1.1x / >=1.5x) |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for entry in res["models"]:
         for b, s in entry["summary"].items():
@@ -208,6 +236,7 @@ def table(path: str) -> str:
             )
             lines.append(
                 f"| {entry['model']} | {b} | {s['fused_eager_speedup']:.2f}x | "
+                f"{s.get('fused_nhwc_eager_speedup') or float('nan'):.2f}x | "
                 f"{s['best_fused_speedup']:.2f}x ({s['best_fused_path']}) | {ok} |"
             )
     fold_rows = [
@@ -221,9 +250,15 @@ def table(path: str) -> str:
         f = e["fold"]
         lines += [
             "",
-            f"Folded ResNet18 (FoldConfig(ratio=0.3, repair='none')): params "
+            f"Folded ResNet18 (`folded`: {_cfg(f)}): params "
             f"{f['params_before']:,} -> {f['params_after']:,} "
-            f"({100 * f['sparsity']:.1f}% fewer).",
+            f"({100 * f['sparsity']:.1f}% fewer), widths {f.get('widths')}"
+            + (
+                f"; `foldedexact` ({_cfg(f['exact'])}): {f['exact']['params_after']:,} "
+                f"({100 * f['exact']['sparsity']:.1f}% fewer), widths {f['exact'].get('widths')}."
+                if "exact" in f
+                else "."
+            ),
             "",
             "| model | batch | comparison | latency ratio | FLOP ratio | latency / FLOP ratio "
             "| target >= 0.8 |",
@@ -256,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--wait-max", type=float, default=3600, help="max seconds to wait for it")
     p.add_argument("--no-fold", action="store_true", help="skip the folded ResNet18 rows")
+    p.add_argument(
+        "--round-to", type=int, default=16, help="FoldConfig.round_to of the 'folded' variant"
+    )
     p.add_argument("--workdir", default=None, help="keep the ONNX files here")
     p.add_argument("--out", default=None, help="results JSON")
     p.add_argument("--table", default=None, help="print markdown tables from a results JSON")

@@ -48,6 +48,7 @@ def methods(sparsities: list[float]) -> list[tuple[str, float, dict[str, Any]]]:
         for name, t, spec in (
             fold("fold-cost", data="self", allocation="cost", repair="none"),
             fold("fold-cost+dir", data="self", allocation="cost", repair="dir"),
+            fold("fold-cost+data", data="calib", allocation="cost", repair="data"),
             ("shortgpt-drop", s, {"kind": "drop", "data": "calib"}),
             fold("fold-uniform", repair="none"),
             fold("fold-uniform+lsq", repair="ar", llm=LLMConfig(correction="lsq")),
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": args.windows * 1024,
         },
         "calibration": {
-            "text": "pydocs calibration split (howto/*.rst.txt), used by shortgpt-drop only",
+            "text": "pydocs calibration split (howto/*.rst.txt), used by shortgpt-drop and "
+            "fold-cost+data only (data-driven)",
             "shape": list(calib.shape),
         },
         "self_generated": {

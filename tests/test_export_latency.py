@@ -161,9 +161,10 @@ def test_torch_threads_restores_setting():
 
 
 def test_parse_path():
-    assert parse_path("eager") == (None, False, "eager")
-    assert parse_path("fused_ort") == (None, True, "ort")
-    assert parse_path("folded_fused_compile", ("folded",)) == ("folded", True, "compile")
+    assert parse_path("eager") == (None, None, "eager")
+    assert parse_path("fused_ort") == (None, "fused", "ort")
+    assert parse_path("fusednhwc") == (None, "fusednhwc", "eager")
+    assert parse_path("folded_fused_compile", ("folded",)) == ("folded", "fused", "compile")
     with pytest.raises(ValueError):
         parse_path("fused_tensorrt")
 

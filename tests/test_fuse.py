@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest tests/test_fuse.py -q            (offline, tiny 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 
@@ -605,3 +606,59 @@ def test_real_smollm2_fuses_within_tolerance():
     assert rep.extra["max_rel_err"] < 1e-5  # measured 1.4e-6
     assert rep.extra["max_rel_err_float64"] < 1e-12
     assert_equivalent(lm.model, ref, x, rtol=1e-5)
+
+
+# ---- channels-last layout ----------------------------------------------------------------------
+
+
+def test_channels_last_is_verified_logged_and_saved_plain(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(weights=None), seed=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = _out(model, x)
+    plain = copy.deepcopy(model)
+    fuse(plain, FuseConfig(), example_inputs=x)
+    # negative control: the default keeps the contiguous (NCHW) layout
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, nn.Conv2d))
+    rep = fuse(model, FuseConfig(channels_last=True), example_inputs=x)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    entry = next(d for d in rep.log if d["kind"] == "channels_last")
+    # 1x1 kernels are already channels-last in NCHW (their strides coincide): not listed
+    moved = [m for m in plain.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert entry["status"] == "applied" and len(entry["modules"]) == len(moved) == 17
+    assert rep.extra["max_rel_err"] < 1e-5
+    assert (_out(model, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the same state dict as the NCHW fused model: it loads into it and gives its outputs
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    plain.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    a, b = _out(plain, x), _out(model, x)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_channels_last_rolled_back_when_outputs_move(monkeypatch):
+    from netfold.fuse import core
+
+    m = _small_cnn()
+    x = torch.randn(2, 3, 6, 6)
+    orig = core._Checker.check
+    calls = {"n": 0}
+
+    def failing_check(self):
+        e, e64 = orig(self)
+        calls["n"] += 1
+        if any(
+            w.weight.is_contiguous(memory_format=torch.channels_last)
+            and not w.weight.is_contiguous()
+            for w in self.model.modules()
+            if isinstance(w, nn.Conv2d)
+        ):
+            return dataclasses.replace(e, ok=False, reason="forced"), e64
+        return e, e64
+
+    monkeypatch.setattr(core._Checker, "check", failing_check)
+    rep = fuse(m, FuseConfig(channels_last=True), example_inputs=x)
+    entry = next(d for d in rep.log if d["kind"] == "channels_last")
+    assert entry["status"] == "rolled_back" and "forced" in entry["reason"]
+    assert all(w.weight.is_contiguous() for w in m.modules() if isinstance(w, nn.Conv2d))
+    assert calls["n"] >= 2

@@ -213,7 +213,8 @@ def test_repair_dir_uses_self_generated_text():
     assert ids.shape == (2, 16) and torch.equal(ids, fam.self_generated_ids(model, 2, 16, seed=0))
     llm = LLMConfig(fold_attention=False, synth_sequences=2, synth_length=16)
     report = netfold.fold(model, FoldConfig(ratio=0.5, repair="dir", llm=llm))
-    assert report.extra["refit"] == "diag" and report.extra["self_generation_seconds"] > 0
+    # 2 x 16 tokens for 24 merged channels: too few rows for a full refit, so "auto" is diag
+    assert report.extra["refit"] == ["diag"] and report.extra["self_generation_seconds"] > 0
     assert torch.isfinite(logits(model, X)).all()
 
 
@@ -237,7 +238,7 @@ def test_diag_refit_scales_merged_columns_only():
         )
         errs[name] = float((logits(model, ids) - ref).pow(2).mean())
         if name == "diag":
-            assert rep.extra["refit"] == "diag" and rep.extra["correction"] == "lsq"
+            assert rep.extra["refit"] == ["diag"]
         # each merged column against the span of its members' original columns
         labels = torch.tensor(next(g for g in rep.groups if g.name == "model.layers.0.mlp").labels)
         new = model.model.layers[0].mlp.down_proj.weight.detach().double()

@@ -131,9 +131,8 @@ class LLMConfig(_JSONMixin):
             squares of every merged column on the original outputs, k x k normal equations),
             "diag" (the "lsq" correction's per-member weights, estimated on the token
             activations instead of Gaussian samples: one scalar per original channel) or
-            "auto": "full" on calibration text (``repair="data"``), "diag" on self-generated
-            text (``repair="dir"``), which is too unlike real text for a full refit
-            (benchmarks/results/llm_variants.json).
+            "auto": "full" for a group with at least 4 token rows per merged channel, else
+            "diag" (a full refit on too few rows overfits; benchmarks/results/llm_variants.json).
     """
 
     heads: str = "query"
@@ -143,7 +142,7 @@ class LLMConfig(_JSONMixin):
     gauss_samples: int = 512
     ridge: float = 1e-3
     protect: float = 8.0
-    synth_sequences: int = 8
+    synth_sequences: int = 64
     synth_length: int = 128
     refit: str = "auto"
 

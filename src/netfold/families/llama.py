@@ -577,12 +577,9 @@ def fold_decoder(
     inputs = None
     if config.repair in ("data", "dir") and todo:
         inputs = collect_mlp_inputs(model, data, seed=config.seed)
-    correction, refit = "none", None
+    correction, refits = "none", {}
     if config.repair in ("data", "dir"):
-        refit = config.llm.refit
-        if refit == "auto":
-            refit = "full" if config.repair == "data" else "diag"
-        correction = "data" if refit == "full" else "lsq"
+        correction = "data"
     if config.repair == "ar":
         correction = config.llm.correction
 
@@ -618,14 +615,16 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             c = _cluster_protected(X, k, prot, config)
-            z = None
+            z, how = None, correction
             if inputs is not None:
                 z = inputs[g.name]
+                how = _refit_kind(config.llm.refit, z.shape[0], k)
+                refits[g.name] = "full" if how == "data" else "diag"
             elif correction == "lsq":
                 hidden = get_module(model, g.producers[0]).in_features
                 s = L.input_scale(model, g.input_norm, hidden)
                 z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
-            L.merge_mlp(state, model, g, c.labels, k, correction, z, config.llm.ridge)
+            L.merge_mlp(state, model, g, c.labels, k, how, z, config.llm.ridge)
             labels_of[g.name] = c.labels.tolist()
             costs[g.name] = c.cost
 
@@ -666,13 +665,29 @@ def fold_decoder(
         non_embedding_params_after=params_after - emb,
         non_embedding_sparsity=1.0 - (params_after - emb) / (params_before - emb),
         correction=correction,
-        refit=refit,
+        refit=sorted(set(refits.values())) if refits else None,
         heads_unit=config.llm.heads,
     )
     if synth_seconds is not None:
         report.extra["self_generation_seconds"] = synth_seconds
     report.seconds = time.perf_counter() - t0
     return report
+
+
+REFIT_ROWS_PER_CHANNEL = 4
+
+
+def _refit_kind(refit: str, rows: int, k: int) -> str:
+    """merge_mlp's correction for a down_proj refit of ``k`` columns on ``rows`` token rows.
+
+    "auto": the full k x k ridge refit once there are at least REFIT_ROWS_PER_CHANNEL rows per
+    merged channel, else the per-member ("lsq") weights, which need far fewer: with 1,024
+    self-generated tokens a full refit of 384 columns overfits (SmolLM2 10%: 67 vs 24.7 ppl),
+    with 4,096 it helps (20%: 52 vs 69; benchmarks/results/llm_variants.json).
+    """
+    if refit == "auto":
+        refit = "full" if rows >= REFIT_ROWS_PER_CHANNEL * k else "diag"
+    return "data" if refit == "full" else "lsq"
 
 
 def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig):

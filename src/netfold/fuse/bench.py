@@ -1,8 +1,9 @@
 """Latency of one model along several execution paths, measured together (interleaved).
 
-Paths are named ``[variant_][fused_]backend``:
+Paths are named ``[variant_][fused_|fusednhwc_]backend``:
 
 * ``eager``: the model as given; ``fused``: a :func:`netfold.fuse`-d copy in eager PyTorch;
+  ``fusednhwc``: the same with ``FuseConfig(channels_last=True)`` (Conv2d weights channels-last);
 * ``compile`` / ``fused_compile``: ``torch.compile`` (inductor, ``freezing=True`` so weights are
   constant-folded and prepacked, the CPU inference setting);
 * ``ort`` / ``fused_ort``: ``torch.onnx`` export run by ONNX Runtime with all graph
@@ -16,6 +17,7 @@ Every path's output is compared with the eager output of its own base model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,21 +37,22 @@ __all__ = ["PATHS", "parse_path", "benchmark_paths"]
 
 PATHS = ("eager", "fused", "compile", "fused_compile", "ort", "fused_ort")
 BACKENDS = ("eager", "compile", "ort")
+FUSE_MODES = ("fused", "fusednhwc")
 
 
-def parse_path(path: str, variants: tuple[str, ...] = ()) -> tuple[str | None, bool, str]:
-    """``"folded_fused_ort"`` -> ``("folded", True, "ort")``; ``"eager"`` -> ``(None, False, "eager")``."""
+def parse_path(path: str, variants: tuple[str, ...] = ()) -> tuple[str | None, str | None, str]:
+    """``"folded_fused_ort"`` -> ``("folded", "fused", "ort")``; ``"eager"`` ->
+    ``(None, None, "eager")``; ``"fusednhwc"`` -> ``(None, "fusednhwc", "eager")``."""
     toks = path.split("_")
     variant = toks.pop(0) if toks and toks[0] in variants else None
-    fused = bool(toks) and toks[0] == "fused"
-    if fused:
-        toks.pop(0)
+    mode = toks.pop(0) if toks and toks[0] in FUSE_MODES else None
     backend = toks.pop(0) if toks else "eager"
     if toks or backend not in BACKENDS:
         raise ValueError(
-            f"bad path {path!r}: use [variant_][fused_](eager|compile|ort), variants {variants}"
+            f"bad path {path!r}: use [variant_][fused_|fusednhwc_](eager|compile|ort), "
+            f"variants {variants}"
         )
-    return variant, fused, backend
+    return variant, mode, backend
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -90,7 +93,8 @@ def benchmark_paths(
             ``repeats * calls_per_round`` timed calls.
         workdir: where ONNX files are written (a temporary directory if None).
         model_name: label in the results.
-        fuse_config: config for the fused copies (``FuseConfig()`` if None).
+        fuse_config: config for the fused copies (``FuseConfig()`` if None; "fusednhwc"
+            paths use it with ``channels_last=True``).
         log: progress messages (None: silent).
         before_timing: called right before each batch size's timed rounds (e.g. to wait for a
             shared machine to quieten down).
@@ -103,7 +107,7 @@ def benchmark_paths(
     say = log or (lambda _msg: None)
     variants = dict(variants or {})
     for v in variants:
-        if "_" in v or v in ("eager", "fused") + BACKENDS:
+        if "_" in v or v in ("eager",) + FUSE_MODES + BACKENDS:
             raise ValueError(f"variant name {v!r} must not contain '_' or be a path keyword")
     parsed = {p: parse_path(p, tuple(variants)) for p in paths}
     bases: dict[str | None, nn.Module] = {None: model.eval()}
@@ -123,14 +127,17 @@ def benchmark_paths(
     }
 
     # Fused copies (one per base that needs one), verified by fuse itself.
-    fused: dict[str | None, nn.Module] = {}
-    for variant, is_fused, _ in parsed.values():
-        if is_fused and variant not in fused:
+    fused: dict[tuple[str | None, str], nn.Module] = {}
+    for variant, mode, _ in parsed.values():
+        if mode is not None and (variant, mode) not in fused:
             m = copy.deepcopy(bases[variant])
-            say(f"[{model_name}] fusing {variant or 'model'} ...")
-            rep = fuse(m, fuse_config, example_inputs=inputs_by_batch[smallest])
-            fused[variant] = m
-            result["bases"][_label(variant, True)] = {
+            say(f"[{model_name}] fusing {variant or 'model'} ({mode}) ...")
+            cfg = fuse_config or FuseConfig()
+            if mode == "fusednhwc":
+                cfg = dataclasses.replace(cfg, channels_last=True)
+            rep = fuse(m, cfg, example_inputs=inputs_by_batch[smallest])
+            fused[(variant, mode)] = m
+            result["bases"][_label(variant, mode)] = {
                 "fuse": {
                     k: rep.extra.get(k)
                     for k in (
@@ -146,10 +153,10 @@ def benchmark_paths(
                 "fuse_seconds": rep.seconds,
             }
 
-    def get_model(variant: str | None, is_fused: bool) -> nn.Module:
-        return fused[variant] if is_fused else bases[variant]
+    def get_model(variant: str | None, mode: str | None) -> nn.Module:
+        return fused[(variant, mode)] if mode is not None else bases[variant]
 
-    compiled: dict[tuple[str | None, bool], Any] = {}
+    compiled: dict[tuple[str | None, str | None], Any] = {}
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     wd = tmp.name if tmp is not None else os.fspath(workdir)
     old_freezing = None
@@ -167,9 +174,9 @@ def benchmark_paths(
             refs: dict[str | None, torch.Tensor] = {}
             errors: dict[str, float] = {}
             flops: dict[str, int] = {}
-            for path, (variant, is_fused, backend) in parsed.items():
-                m = get_model(variant, is_fused)
-                label = _label(variant, is_fused)
+            for path, (variant, mode, backend) in parsed.items():
+                m = get_model(variant, mode)
+                label = _label(variant, mode)
                 if label not in flops:
                     flops[label] = count_flops(m, x)
                     info = result["bases"].setdefault(label, {})
@@ -180,7 +187,7 @@ def benchmark_paths(
                 if backend == "eager":
                     fns[path] = _eager(m, x)
                 elif backend == "compile":
-                    key = (variant, is_fused)
+                    key = (variant, mode)
                     if key not in compiled:
                         compiled[key] = torch.compile(m, dynamic=False)
                     say(f"[{model_name}] b{batch} compiling {path} ...")
@@ -237,9 +244,9 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _label(variant: str | None, is_fused: bool) -> str:
+def _label(variant: str | None, mode: str | None) -> str:
     base = variant or "original"
-    return f"{base}+fused" if is_fused else base
+    return {None: base, "fused": f"{base}+fused"}.get(mode, f"{base}+fused+nhwc")
 
 
 def _eager(m: Any, x: Any) -> Callable[[], Any]:

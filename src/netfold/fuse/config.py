@@ -40,6 +40,11 @@ class FuseConfig(_JSONMixin):
         pad_conv: fold a symmetric zero-padding module (``nn.ZeroPad2d``, ``nn.ConstantPad2d(0)``,
             e.g. TF-style "same" convs) into the Conv's own padding; the pad becomes Identity.
         remove_dropout: replace Dropout modules with ``nn.Identity`` (exact at eval).
+        channels_last: after the fusions, store every Conv2d weight in channels-last (NHWC)
+            memory format, so oneDNN / cuDNN run the convolutions without reordering the
+            activations at each layer (the values are unchanged; the verification covers it and
+            rolls it back if the outputs move). ``netfold.save`` writes plain contiguous tensors:
+            re-apply after loading. Off by default: it changes layout, not structure.
         verify: compare the fused model with the original on the example inputs and roll back
             any fusion that exceeds the tolerances.
         float64: also verify in float64 (every op's floating output promoted to float64), which
@@ -59,6 +64,7 @@ class FuseConfig(_JSONMixin):
     norm_into_linear: bool = True
     pad_conv: bool = True
     remove_dropout: bool = True
+    channels_last: bool = False
     verify: bool = True
     float64: bool = True
     rtol: float = 1e-5
@@ -78,6 +84,7 @@ class FuseConfig(_JSONMixin):
             "norm_into_linear",
             "pad_conv",
             "remove_dropout",
+            "channels_last",
             "verify",
             "float64",
         ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from netfold.fuse.plan import Fusion, Rejection, plan_dropout_removal, plan_fusi
 from netfold.fuse.record import call_model, record_forward
 from netfold.fuse.verify import Equivalence, compare_outputs, flat_outputs, run_float64
 from netfold.report import Report
+
+CL = torch.channels_last
 
 __all__ = ["fuse", "format_decision_log"]
 
@@ -261,6 +264,8 @@ def fuse(
             # freed modules for a different fusion.
             if not planned or not (deferred or len(kept) < len(round_applied)):
                 break
+        if config.channels_last:
+            last = _channels_last(model, config, checker, decisions, last)
     except BaseException:
         for a in reversed(list(live)):
             undo(a)
@@ -310,6 +315,44 @@ def fuse(
         report.warnings.append("verify=False: the fused model was not compared with the original")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _channels_last(
+    model: nn.Module,
+    config: FuseConfig,
+    checker: _Checker | None,
+    decisions: list[dict[str, Any]],
+    last: tuple[Equivalence, Equivalence | None] | None,
+) -> tuple[Equivalence, Equivalence | None] | None:
+    """Store Conv2d weights channels-last; verified like a fusion, undone on failure."""
+    convs = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not any(fnmatch(n, p) for p in config.skip)
+    ]
+    convs = [(n, m) for n, m in convs if not m.weight.is_contiguous(memory_format=CL)]
+    if not convs:
+        return last
+    old = [(m, m.weight.data) for _, m in convs]
+    entry = {"kind": "channels_last", "modules": [n for n, _ in convs]}
+    try:
+        for m, w in old:
+            m.weight.data = w.contiguous(memory_format=CL)
+        if checker is not None:
+            e, _ = checker.check()
+            if not e.ok:
+                for m, w in old:
+                    m.weight.data = w
+                decisions.append(dict(entry, status="rolled_back", reason=_why(e, None)))
+                return last
+            last = (e, last[1] if last is not None else None)
+    except BaseException:
+        for m, w in old:
+            m.weight.data = w
+        raise
+    detail = f"{len(convs)} Conv2d weights stored channels-last (NHWC)"
+    decisions.append(dict(entry, status="applied", detail=detail))
+    return last
 
 
 def format_decision_log(report: Report) -> str:
