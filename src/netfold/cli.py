@@ -179,6 +179,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         target_sparsity=args.target_sparsity,
         allocation=args.allocation,
         skip=tuple(args.skip or ()),
+        round_to=args.round_to,
         method=args.method,
         repair=args.repair,
         seed=args.seed,
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
     p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")
+    p.add_argument(
+        "--round-to", type=int, default=1, help="fold channel groups to multiples of N (8, 16)"
+    )
     p.add_argument("--calib-text", default="pydocs", help="LLM calibration text (repair='data')")
     p.add_argument("--calib-windows", type=int, default=16, help="LLM: 512-token windows")
     p.add_argument("--sample", help="LLM: greedy generation of this prompt before and after")
