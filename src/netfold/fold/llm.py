@@ -169,7 +169,6 @@ def merge_mlp(
     correction: str = "none",
     inputs: torch.Tensor | None = None,
     ridge: float = 1e-3,
-    targets: torch.Tensor | None = None,
 ) -> None:
     """Fold a SwiGLU group to ``k`` channels: gate/up rows mean, down_proj columns (weighted) sum.
 
@@ -178,9 +177,6 @@ def merge_mlp(
         correction: "none", "scale", "lsq" (needs ``inputs``: Gaussian samples, (S, hidden),
             already multiplied by the RMSNorm weight) or "data" (``inputs``: real normalised
             MLP inputs (S, hidden); refits down_proj by ridge least squares).
-        targets: the original model's MLP inputs at the same token rows (S, hidden) when
-            ``inputs`` come from a model whose earlier layers are already folded (sequential
-            refit): the merged layer on ``inputs`` is fit to the original layer on ``targets``.
     """
     gate_n, up_n = g.producers
     down_n = g.consumers[0].module
@@ -204,8 +200,7 @@ def merge_mlp(
         wt = torch.float32 if correction == "lsq" else DT
         z = inputs.to(wt)
         h_m = swiglu(z, g_new.to(wt), u_new.to(wt)).to(DT)  # (S, k)
-        zo = z if targets is None else targets.to(wt)
-        h_o = swiglu(zo, gate.to(wt), up.to(wt)).to(DT)  # (S, I)
+        h_o = swiglu(z, gate.to(wt), up.to(wt)).to(DT)  # (S, I)
         if correction == "lsq":
             num = (h_o * h_m[:, labels]).sum(0)  # (I,)
             den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
