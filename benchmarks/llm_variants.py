@@ -79,6 +79,9 @@ VARIANTS: list[tuple[str, float, float, dict[str, Any], dict[str, Any], str | No
     ("cost-floor6+dir64-full", 0.2, 0.0625, {"repair": "dir"}, {"refit": "full"}, "self64"),
     ("cost-floor125+dir64-full", 0.2, 0.125, {"repair": "dir"}, {"refit": "full"}, "self64"),
     ("cost-floor6+data-full", 0.2, 0.0625, {"repair": "data"}, {"refit": "full"}, "calib"),
+    ("cost-floor25+dir64t07-full", 0.1, 0.25, {"repair": "dir"}, {"refit": "full"}, "self64-t07"),
+    ("cost-floor25+dir64t07-full", 0.2, 0.25, {"repair": "dir"}, {"refit": "full"}, "self64-t07"),
+    ("cost-floor25+dir64t07-diag", 0.1, 0.25, {"repair": "dir"}, {"refit": "diag"}, "self64-t07"),
 ]
 DEEP = HERE / "results" / "llm_curves_deep.json"
 DEEP_GRID = (0.125, 0.0625)
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if any(v[5] == "self64" for v in VARIANTS):
         data["self64"] = self_generated_ids(model, 64, llm.synth_length, 0)
+    if any(v[5] == "self64-t07" for v in VARIANTS):
+        data["self64-t07"] = self_generated_ids(model, 64, llm.synth_length, 0, 0.7, 0.95)
     out = Path(args.out)
     res: dict[str, Any] = {
         "command": " ".join(["python"] + sys.argv),

@@ -487,11 +487,17 @@ def collect_mlp_inputs(
 
 @torch.no_grad()
 def self_generated_ids(
-    model: nn.Module, n: int = 8, length: int = 128, seed: int = 0
+    model: nn.Module,
+    n: int = 8,
+    length: int = 128,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
 
-    Sampling starts from the BOS token at temperature 1 (no top-k / top-p), seeded; the
+    Sampling starts from the BOS token at ``temperature`` (default 1) with nucleus ``top_p``
+    (default 1: none), no top-k, seeded; the
     sequences carry the model's own activation statistics (massive activations included),
     which Gaussian inputs do not.
     """
@@ -507,9 +513,9 @@ def self_generated_ids(
                 start,
                 attention_mask=torch.ones_like(start),
                 do_sample=True,
-                temperature=1.0,
+                temperature=temperature,
                 top_k=0,
-                top_p=1.0,
+                top_p=top_p,
                 max_new_tokens=length - 1,
                 min_new_tokens=length - 1,
                 pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0,
