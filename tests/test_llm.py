@@ -168,6 +168,15 @@ def test_per_layer_ratios_and_skip():
     assert model.config.netfold_layer_widths == w
 
 
+def test_round_to_applies_to_mlp_channels():
+    model = tiny("llama")
+    netfold.fold(model, FoldConfig(ratio=0.3, round_to=8))  # 48 -> 33.6 -> 32
+    assert {w["intermediate_size"] for w in fam.layer_widths(model)} == {32}
+    model = tiny("llama")
+    netfold.fold(model, FoldConfig(ratio=0.3))  # negative control: exact 34
+    assert {w["intermediate_size"] for w in fam.layer_widths(model)} == {34}
+
+
 @pytest.mark.parametrize("method", ["magnitude-l1", "magnitude-l2"])
 def test_magnitude_pruning_same_groups(method):
     model = tiny("mistral")

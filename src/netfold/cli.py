@@ -93,6 +93,7 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
         seed=args.seed,
         allocation=args.allocation,
         skip=tuple(args.skip or ()),
+        round_to=args.round_to,
         llm=LLMConfig(heads=args.heads, correction=args.correction),
     )
     data = None

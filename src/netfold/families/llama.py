@@ -186,10 +186,13 @@ def group_ratio(
 
 
 def width_at(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
-    """Units kept at ``ratio``: round(n (1 - ratio)), at least one head unit / min_channels."""
+    """Units kept at ``ratio``: round(n (1 - ratio)), at least one head unit; MLP channels
+    as for any channel group (``min_channels``, ``round_to``)."""
+    from ..api import width_for
+
     if isinstance(g, HeadGroup):
         return max(1, min(g.size, int(round(g.size * (1.0 - ratio)))))
-    return max(min(g.size, config.min_channels), min(g.size, int(round(g.size * (1 - ratio)))))
+    return width_for(g.size, ratio, config)
 
 
 def params_with(model: nn.Module, groups: list, widths: dict[str, int]) -> int:
