@@ -220,7 +220,8 @@ def add_bench_latency_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument(
         "--paths",
         default="eager,fused,compile,fused_compile,ort,fused_ort",
-        help="comma-separated subset of eager,fused,compile,fused_compile,ort,fused_ort",
+        help="comma-separated [fused_|fusednhwc_](eager|compile|ort) paths (fusednhwc: "
+        "FuseConfig(channels_last=True)), e.g. eager,fusednhwc,fusednhwc_compile",
     )
     p.add_argument("--repeats", type=int, default=15, help="rounds (every path once per round)")
     p.add_argument("--calls-per-round", type=int, default=3, help="timed calls per path per round")
