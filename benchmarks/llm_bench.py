@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import subprocess
 import sys
@@ -103,6 +104,28 @@ def run_one(model, tok, ids, calib, self_ids, spec, target, windows, threads, sa
         q.put(row)
     except BaseException as e:  # noqa: BLE001 - report, never hang the parent
         q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a crash never leaves a half-written results file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def smollm2_and_eval_ids(threads: int):
+    """(model, tokenizer, evaluation token ids) with quiet transformers logging, ``threads``."""
+    import transformers
+
+    from netfold.data.text import load_text
+    from netfold.families.llama import load_smollm2
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    model, tok = load_smollm2()
+    return model, tok, tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
 
 
 def git_rev() -> str:

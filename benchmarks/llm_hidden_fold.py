@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -171,20 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import copy
 
-    import transformers
-
-    from netfold.data.text import load_text
     from netfold.eval.cost import count_params
     from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import greedy_sample, perplexity
-    from netfold.families.llama import embedding_params, load_smollm2
+    from netfold.families.llama import embedding_params
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import PROMPT, git_rev
+    from llm_bench import PROMPT, git_rev, smollm2_and_eval_ids, write_json
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
         "command": " ".join(["python"] + sys.argv),
         "machine": machine_info(),
@@ -193,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "self_check": self_check(),
         "rows": [],
     }
-    model, tok = load_smollm2()
-    ids = tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
+    model, tok, ids = smollm2_and_eval_ids(args.threads)
     dense = count_params(model)
     non_emb = dense - embedding_params(model)
     for r in [float(v) for v in args.ratios.split(",")]:
@@ -216,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         res["rows"].append(row)
         print(json.dumps({k: row[k] for k in ("hidden_ratio", "hidden_size", "ppl")}), flush=True)
-        out = Path(args.out)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, out)
+        write_json(args.out, res)
         del m
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    import transformers
-
     import netfold
     from netfold.config import FoldConfig
-    from netfold.data.text import load_text
     from netfold.eval.cost import count_params
     from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
@@ -59,18 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         embedding_params,
         find_llm_groups,
         group_params,
-        load_smollm2,
         self_generated_ids,
     )
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import git_rev
+    from llm_bench import git_rev, smollm2_and_eval_ids, write_json
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    model, tok = load_smollm2()
-    ids = tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
+    model, tok, ids = smollm2_and_eval_ids(args.threads)
     t0 = time.perf_counter()
     text = self_generated_ids(model, args.sequences, 128, seed=1)  # not the refit's text
     with torch.no_grad():
@@ -130,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             res["rows"].append(row)
             print(json.dumps({k: row[k] for k in ("target", "repair", "ppl")}), flush=True)
-            out = Path(args.out)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(res, indent=1))
-            os.replace(tmp, out)
+            write_json(args.out, res)
             del m
     return 0
 

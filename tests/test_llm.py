@@ -436,3 +436,24 @@ def test_shortgpt_layer_drop_round_trip(tmp_path):
     assert out.shape == (1, X.shape[1] + 3)
     with pytest.raises(ValueError, match="calibration"):
         drop_layers(tiny("llama"), n_drop=1)
+
+
+def test_hidden_size_fold_script_is_exact_on_planted_duplicates():
+    """benchmarks/llm_hidden_fold.py's algebra: identity at ratio 0, exact for duplicate dims."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_hidden_fold.py"
+    spec = importlib.util.spec_from_file_location("llm_hidden_fold", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    errs = mod.self_check()  # raises if either error is above its bound
+    assert errs["ratio0_max_abs_err"] < 1e-5 and errs["planted_duplicates_max_abs_err"] < 1e-4
+    # negative control: merging two dimensions that are NOT duplicates is not exact
+    model = tiny("llama")
+    ref = logits(model, X)
+    labels = torch.arange(32)
+    labels[7] = 3
+    labels = torch.unique(labels, return_inverse=True)[1]
+    mod.fold_hidden(model, labels, 31)
+    assert (logits(model, X) - ref).abs().max() > 1e-3
