@@ -109,25 +109,34 @@ def fmnist_batches(subset: int, batch_size: int, seed: int):
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, subset, batch_size)]
 
 
-def run_vgg(args: argparse.Namespace, out: dict) -> None:
+def trained_baseline(arch: str, out: dict):
+    """The cached Fashion-MNIST model ``arch``, a test-accuracy function, the first point and
+    the test set (images, labels).
+
+    Records the checkpoint and training settings in ``out["model"]``.
+    """
     from netfold.data.fashion_mnist import load_fashion_mnist
     from netfold.eval.accuracy import evaluate_accuracy
     from netfold.models.train import get_trained
 
-    base, info = get_trained("vgg11_bn_tv", progress=False)
+    base, info = get_trained(arch, progress=False)
     test = load_fashion_mnist("test")
     acc = lambda m: evaluate_accuracy(m, *test)  # noqa: E731
     p0, a0 = count_params(base), acc(base)
     out["model"] = {
-        "arch": "vgg11_bn_tv",
+        "arch": arch,
         "kwargs": info["model_kwargs"],
         "checkpoint": info["path"],
         "train_settings": info["settings"],
         "train_time_s": info.get("train_time_s"),
-        "classifier_params": sum(p.numel() for p in base.classifier.parameters()),
     }
-    points = [{"method": "original", "params": p0, "accuracy": a0}]
     log(f"original: {p0:,} params, acc {a0:.4f}")
+    return base, acc, [{"method": "original", "params": p0, "accuracy": a0}], test
+
+
+def run_vgg(args: argparse.Namespace, out: dict) -> None:
+    base, acc, points, test = trained_baseline("vgg11_bn_tv", out)
+    out["model"]["classifier_params"] = sum(p.numel() for p in base.classifier.parameters())
 
     cfg = CollapseConfig(
         lc=args.lc,
@@ -205,24 +214,9 @@ def run_vgg(args: argparse.Namespace, out: dict) -> None:
 
 
 def run_mixer(args: argparse.Namespace, out: dict) -> None:
-    from netfold.data.fashion_mnist import load_fashion_mnist
-    from netfold.eval.accuracy import evaluate_accuracy
     from netfold.families.encoders import fold_encoder
-    from netfold.models.train import get_trained
 
-    base, info = get_trained("mlp_mixer", progress=False)
-    test = load_fashion_mnist("test")
-    acc = lambda m: evaluate_accuracy(m, *test)  # noqa: E731
-    p0, a0 = count_params(base), acc(base)
-    out["model"] = {
-        "arch": "mlp_mixer",
-        "kwargs": info["model_kwargs"],
-        "checkpoint": info["path"],
-        "train_settings": info["settings"],
-        "train_time_s": info.get("train_time_s"),
-    }
-    points = [{"method": "original", "params": p0, "accuracy": a0}]
-    log(f"original: {p0:,} params, acc {a0:.4f}")
+    base, acc, points, _ = trained_baseline("mlp_mixer", out)
 
     def fold_points(model, method: str, stage: int | None) -> None:
         for r in args.fold_ratios:

@@ -30,7 +30,7 @@ import torch
 
 from netfold.eval.cost import count_flops, count_params
 from netfold.eval.latency import format_latency_table, machine_info
-from netfold.fuse.bench import _label, benchmark_paths, parse_path
+from netfold.fuse.bench import benchmark_paths, parse_path, path_label
 from netfold.fuse.cli_handlers import load_model
 
 BASE_PATHS = ["eager", "fused", "fusednhwc", "compile", "fused_compile", "ort", "fused_ort"]
@@ -116,8 +116,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             variants = ("folded", "foldedexact")
             for folded, base in FOLD_PAIRS:
                 if folded in lat and base in lat:
-                    f_label = _label(*parse_path(folded, variants)[:2])
-                    flop_ratio = flops[_label(*parse_path(base, variants)[:2])] / flops[f_label]
+                    f_label = path_label(*parse_path(folded, variants)[:2])
+                    flop_ratio = flops[path_label(*parse_path(base, variants)[:2])] / flops[f_label]
                     speed = lat[base]["median_ms"] / lat[folded]["median_ms"]
                     pairs[f"{folded}_vs_{base}"] = {
                         "latency_ratio": speed,

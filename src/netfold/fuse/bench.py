@@ -33,7 +33,7 @@ from netfold.fuse.core import fuse
 from netfold.fuse.record import call_model
 from netfold.fuse.verify import flat_outputs
 
-__all__ = ["PATHS", "parse_path", "benchmark_paths"]
+__all__ = ["PATHS", "parse_path", "path_label", "benchmark_paths"]
 
 PATHS = ("eager", "fused", "compile", "fused_compile", "ort", "fused_ort")
 BACKENDS = ("eager", "compile", "ort")
@@ -137,7 +137,7 @@ def benchmark_paths(
                 cfg = dataclasses.replace(cfg, channels_last=True)
             rep = fuse(m, cfg, example_inputs=inputs_by_batch[smallest])
             fused[(variant, mode)] = m
-            result["bases"][_label(variant, mode)] = {
+            result["bases"][path_label(variant, mode)] = {
                 "fuse": {
                     k: rep.extra.get(k)
                     for k in (
@@ -176,7 +176,7 @@ def benchmark_paths(
             flops: dict[str, int] = {}
             for path, (variant, mode, backend) in parsed.items():
                 m = get_model(variant, mode)
-                label = _label(variant, mode)
+                label = path_label(variant, mode)
                 if label not in flops:
                     flops[label] = count_flops(m, x)
                     info = result["bases"].setdefault(label, {})
@@ -244,7 +244,8 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _label(variant: str | None, mode: str | None) -> str:
+def path_label(variant: str | None, mode: str | None) -> str:
+    """The model a path runs, as named in results: "original", "folded+fused", "original+fused+nhwc"."""
     base = variant or "original"
     return {None: base, "fused": f"{base}+fused"}.get(mode, f"{base}+fused+nhwc")
 
