@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({k: row.get(k) for k in ("method", "target", "ppl", "seconds", "error")}),
             flush=True,
         )
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     result["fold_time_2_threads"] = time_fold_20(model, 2)
     print(json.dumps(result["fold_time_2_threads"]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     plot(args.out)
     return 0
 
