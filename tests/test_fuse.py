@@ -662,3 +662,61 @@ def test_channels_last_rolled_back_when_outputs_move(monkeypatch):
     assert entry["status"] == "rolled_back" and "forced" in entry["reason"]
     assert all(w.weight.is_contiguous() for w in m.modules() if isinstance(w, nn.Conv2d))
     assert calls["n"] >= 2
+
+
+# ---- save / reload of fused models ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "fold_first"),
+    [
+        ("torchvision:resnet18", {}, False),
+        ("torchvision:resnet18", {}, True),
+        ("netfold:vgg11_bn_tv", {"width": 0.25, "hidden": 64}, False),
+    ],
+)
+def test_fused_model_saves_and_reloads_with_netfold_load(tmp_path, arch, kwargs, fold_first):
+    import netfold
+    from netfold.io import build
+
+    torch.manual_seed(0)
+    model = randomize_bn(build(arch, kwargs), seed=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    if fold_first:
+        netfold.fold(model, netfold.FoldConfig(ratio=0.3, repair="none"))
+    rep = fuse(model, example_inputs=x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not rep.warnings
+    ref = _out(model, x)
+    netfold.save(model, tmp_path / "m")
+    back = netfold.load(tmp_path / "m")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in back.modules())
+    assert torch.equal(_out(back, x), ref)
+    # negative control: without the recorded edits the saved weights do not fit the architecture
+    meta = tmp_path / "m" / "netfold.json"
+    info = json.loads(meta.read_text())
+    assert "replace" in {e["op"] for e in info["edits"]}  # BatchNorm -> Identity
+    info["edits"] = []
+    meta.write_text(json.dumps(info))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        netfold.load(tmp_path / "m")
+
+
+def test_fused_padding_change_is_recorded_and_replayed():
+    from netfold.graph.edits import apply_edits, get_edits
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_SamePadConv(3, 4, 3, (1, 1, 2, 2)), nn.ReLU()).eval().double()
+    fresh = copy.deepcopy(m)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    fuse(m, example_inputs=x)
+    edits = get_edits(m)
+    assert {"op": "replace", "module": "0.static_padding", "spec": {"type": "Identity"}} in edits
+    patch = next(e for e in edits if e["op"] == "patch")
+    assert patch["attrs"]["padding"] == [2, 1]
+    # negative control: the fresh copy (own padding 0, pad module) is not the fused layout
+    assert fresh[0].padding == (0, 0)
+    apply_edits(fresh, edits)
+    assert fresh[0].padding == (2, 1) and isinstance(fresh[0].static_padding, nn.Identity)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(_out(fresh, x), _out(m, x))

@@ -16,6 +16,7 @@ from netfold.fuse.config import FuseConfig
 from netfold.fuse.plan import Fusion, Rejection, plan_dropout_removal, plan_fusions
 from netfold.fuse.record import call_model, record_forward
 from netfold.fuse.verify import Equivalence, compare_outputs, flat_outputs, run_float64
+from netfold.graph.edits import record_swaps
 from netfold.report import Report
 
 CL = torch.channels_last
@@ -190,6 +191,7 @@ def fuse(
         report.warnings.append(f"FLOP count failed ({type(e).__name__}: {e})")
 
     checker = _Checker(model, example_inputs, config, report) if config.verify else None
+    modules_before = dict(model.named_modules())
     live: list[_Pair] = []  # every swap currently in the model, oldest first
     decisions: list[dict[str, Any]] = []
     rejected: dict[tuple[str, tuple[str, ...]], Rejection] = {}
@@ -272,6 +274,13 @@ def fuse(
             undo(a)
         raise
 
+    try:
+        record_swaps(model, modules_before)  # so netfold.save / netfold.load rebuild it
+    except TypeError as e:
+        report.warnings.append(
+            f"netfold.save cannot describe this fused model ({e}); use torch.save or ONNX"
+        )
+    del modules_before
     applied_keys = {(d["kind"], tuple(d["modules"])) for d in decisions}
     for key, r in rejected.items():
         if key in applied_keys:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .surgery import get_module
@@ -25,6 +26,8 @@ __all__ = [
     "build_module",
     "get_edits",
     "module_spec",
+    "patch_module",
+    "record_swaps",
     "replace_module",
     "set_attributes",
 ]
@@ -110,6 +113,89 @@ def set_attributes(root: nn.Module, name: str, attrs: dict[str, int]) -> None:
     _record(root, {"op": "setattr", "module": name, "attrs": {a: int(v) for a, v in attrs.items()}})
 
 
+# private attributes that mirror a public one (Conv's padding, used for non-zero padding modes)
+_PRIVATE_ATTRS = ("_reversed_padding_repeated_twice",)
+
+
+def _plain(v: Any) -> bool:
+    """A JSON-safe constructor-style attribute: int/float/bool/str or a tuple/list of them."""
+    if isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float, str)) for x in v)
+
+
+def patch_module(
+    root: nn.Module, name: str, params: dict[str, list[int]], attrs: dict[str, Any]
+) -> None:
+    """Give module ``name`` new parameter slots and plain attributes, and record it.
+
+    Args:
+        params: parameter name -> shape, for slots that are empty (``None``) now, e.g. the bias a
+            fused Conv2d gains; filled by the weights loaded afterwards.
+        attrs: plain attributes to set (e.g. a Conv's ``padding`` after a pad was absorbed);
+            lists become tuples where the module holds a tuple.
+    """
+    m = get_module(root, name)
+    for p, shape in params.items():
+        ref = next(iter(m.parameters(recurse=False)), None)
+        dtype = ref.dtype if ref is not None else None
+        m.register_parameter(p, nn.Parameter(torch.empty(*shape, dtype=dtype)))
+    for a, v in attrs.items():
+        setattr(m, a, tuple(v) if isinstance(getattr(m, a, None), tuple) else v)
+    _record(root, {"op": "patch", "module": name, "params": params, "attrs": attrs})
+
+
+def record_swaps(root: nn.Module, before: dict[str, nn.Module]) -> int:
+    """Record, as edits, every module of ``root`` that is no longer the object it was.
+
+    ``before`` maps module names to the modules registered there earlier (``dict(
+    root.named_modules())``). A replacement of another class is recorded as "replace" (its
+    :func:`module_spec`); a rewritten copy of the same class (a fused Conv2d with a new bias, a
+    new padding) as "patch": the parameter slots it gained and the plain attributes that changed.
+    Used by :func:`netfold.fuse` so :func:`netfold.save` / :func:`netfold.load` rebuild a fused
+    model.
+
+    Returns:
+        The number of edits recorded.
+
+    Raises:
+        TypeError: a replacement that edits cannot describe (nothing is recorded then).
+    """
+    edits: list[tuple[str, nn.Module, nn.Module]] = []
+    swapped: set[str] = set()
+    for name, new in root.named_modules():
+        old = before.get(name)
+        if old is None or old is new or not name:
+            continue
+        if any(name.startswith(s + ".") for s in swapped):
+            continue  # inside a parent of another class: rebuilt with it
+        if type(new) is not type(old):
+            swapped.add(name)
+        edits.append((name, old, new))  # a same-class copy's children are compared too
+    plan: list[dict[str, Any]] = []
+    for name, old, new in edits:
+        if type(new) is not type(old):
+            plan.append({"op": "replace", "module": name, "spec": module_spec(new)})
+            continue
+        params = {
+            p: list(t.shape)
+            for p, t in new._parameters.items()
+            if t is not None and old._parameters.get(p) is None
+        }
+        attrs = {
+            a: list(v) if isinstance(v, tuple) else v
+            for a, v in vars(new).items()
+            if (not a.startswith("_") or a in _PRIVATE_ATTRS)
+            and _plain(v)
+            and vars(old).get(a) != v
+        }
+        if params or attrs:
+            plan.append({"op": "patch", "module": name, "params": params, "attrs": attrs})
+    for e in plan:
+        _record(root, e)
+    return len(plan)
+
+
 def apply_edits(root: nn.Module, edits: list[dict[str, Any]]) -> None:
     """Replay recorded edits on a freshly built model (weights are loaded afterwards)."""
     for e in edits:
@@ -118,5 +204,7 @@ def apply_edits(root: nn.Module, edits: list[dict[str, Any]]) -> None:
             replace_module(root, e["module"], build_module(e["spec"]))
         elif op == "setattr":
             set_attributes(root, e["module"], e["attrs"])
+        elif op == "patch":
+            patch_module(root, e["module"], e["params"], e["attrs"])
         else:
             raise ValueError(f"unknown structural edit {e!r}")
