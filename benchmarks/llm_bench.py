@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_windows(tok, 512, args.calib_windows)
     llm = LLMConfig()
     t0 = time.perf_counter()
-    self_ids = self_generated_ids(model, llm.synth_sequences, llm.synth_length, seed=0)
+    self_ids = self_generated_ids(
+        model, llm.synth_sequences, llm.synth_length, seed=0, start=llm.synth_start
+    )
     self_seconds = time.perf_counter() - t0
     sparsities = [float(v) for v in args.sparsities.split(",")]
     only = set(args.only.split(",")) if args.only else None
@@ -215,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "self_generated": {
             "shape": list(self_ids.shape),
             "seconds": self_seconds,
-            "note": "sampled from the model itself (BOS, temperature 1): the data-free "
-            "calibration of fold-cost (allocation) and fold-cost+dir (down_proj refit)",
+            "note": f"sampled from the model itself (start={llm.synth_start!r}, temperature "
+            "1): the data-free text of fold-cost (allocation curves, activation features) and "
+            "fold-cost+dir (the same plus the down_proj refit)",
             "first_sequence": tok.decode(self_ids[0]),
         },
         "threads": args.threads,

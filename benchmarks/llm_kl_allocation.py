@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import netfold
-    from netfold.config import FoldConfig
+    from netfold.config import FoldConfig, LLMConfig
     from netfold.eval.cost import count_params
     from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         ref = F.log_softmax(model(input_ids=text).logits.float(), -1)
     mlps = [g for g in find_llm_groups(model) if g.name.endswith(".mlp")]
-    cfg = FoldConfig(n_init=3, repair="none")
+    cfg = FoldConfig(n_init=3, repair="none", llm=LLMConfig(features="weights"))
     kl: dict[str, float] = {}
     for g in mlps:
         m = copy.deepcopy(model)
@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             m = copy.deepcopy(model)
             t1 = time.perf_counter()
             rep = netfold.fold(
-                m, FoldConfig(n_init=3, repair=repair), data=data, widths=dict(widths)
+                m,
+                FoldConfig(n_init=3, repair=repair, llm=LLMConfig(features="weights")),
+                data=data,
+                widths=dict(widths),
             )
             row = {
                 "target": target,

@@ -55,7 +55,8 @@ def main() -> None:
     groups = [g for g in find_llm_groups(model) if g.name.endswith(".mlp")]
     out = {"layers": sorted(scan), "scan_ppl": [scan[i] for i in sorted(scan)]}
     for name, ids in sources.items():
-        curves = mlp_error_curves(model, groups, FoldConfig(), ids, grid=(0.5,))
+        wcfg = FoldConfig(llm=LLMConfig(features="weights"))  # as measured
+        curves = mlp_error_curves(model, groups, wcfg, ids, grid=(0.5,))
         err = [curves[f"model.layers.{i}.mlp"][1][1] for i in sorted(scan)]
         out[name] = {"error_at_50pct": err, "spearman_vs_scan": spearman(err, out["scan_ppl"])}
     print(json.dumps(out, indent=1))

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if not DEEP.is_file():
             t0 = time.perf_counter()
             mlp = [g for g in groups if g.name.endswith(".mlp")]
-            deep = mlp_error_curves(model, mlp, FoldConfig(n_init=3), data["self"], DEEP_GRID)
+            wcfg = FoldConfig(n_init=3, llm=LLMConfig(features="weights"))
+            deep = mlp_error_curves(model, mlp, wcfg, data["self"], DEEP_GRID)
             write_json(
                 DEEP, {"grid": DEEP_GRID, "seconds": time.perf_counter() - t0, "curves": deep}
             )
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if (name, target) in done or (only and f"{name}@{target}" not in only):
             continue
         cut = {k: [p for p in v if p[0] >= round(1536 * floor)] for k, v in curves.items()}
+        # this study predates activation features: it pins the weight features it measured
+        lk = {"features": "weights", **lk}
         cfg = FoldConfig(target_sparsity=target, n_init=3, llm=LLMConfig(**lk), **fk)
         widths = allocate_by_cost(model, groups, cfg, dense - target * non_emb, None, cut)
         m = copy.deepcopy(model)

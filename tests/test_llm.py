@@ -9,6 +9,7 @@ Run: python -m pytest tests/test_llm.py -q            (real-model tests: -m real
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -225,6 +226,58 @@ def test_repair_dir_uses_self_generated_text():
     # 2 x 16 tokens for 24 merged channels: too few rows for a full refit, so "auto" is diag
     assert report.extra["refit"] == ["diag"] and report.extra["self_generation_seconds"] > 0
     assert torch.isfinite(logits(model, X)).all()
+
+
+def test_random_start_text_is_seeded_and_avoids_special_tokens():
+    model = tiny("llama")
+    a = fam.self_generated_ids(model, 3, 12, seed=1, start="random")
+    assert a.shape == (3, 12)
+    assert torch.equal(a, fam.self_generated_ids(model, 3, 12, seed=1, start="random"))
+    bos = model.config.bos_token_id
+    assert (a[:, 0] == bos).all()
+    special = {model.config.bos_token_id, model.config.eos_token_id}
+    assert not any(int(t) in special for t in a[:, 1])
+    # negative control: BOS-only starts are a different text
+    assert not torch.equal(a, fam.self_generated_ids(model, 3, 12, seed=1, start="bos"))
+    with pytest.raises(ValueError, match="start"):
+        fam.self_generated_ids(model, 1, 4, start="middle")
+    with pytest.raises(ValueError, match="synth_start"):
+        LLMConfig(synth_start="middle")
+    with pytest.raises(ValueError, match="features"):
+        LLMConfig(features="gradients")
+
+
+def test_activation_features_are_used_when_text_is_at_hand():
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(3))
+    mlp_only = LLMConfig(fold_attention=False)
+    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, llm=mlp_only))
+    assert rep.extra["features"] == "weights"  # nothing to read activations from
+    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, repair="data", llm=mlp_only), data=ids)
+    assert rep.extra["features"] == "activations"
+    forced = dataclasses.replace(mlp_only, features="weights")
+    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, repair="data", llm=forced), data=ids)
+    assert rep.extra["features"] == "weights"
+    # asked for without text: the model writes its own
+    act = dataclasses.replace(mlp_only, features="activations", synth_sequences=2, synth_length=16)
+    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, llm=act))
+    assert rep.extra["features"] == "activations" and rep.extra["self_generation_seconds"] > 0
+
+
+def test_activation_features_fold_planted_duplicates_exactly():
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(4))
+    model = tiny("llama", seed=5)
+    plant_duplicates(model, mlp=True, kv=False, query=False)
+    ref = logits(model, X)
+    llm = LLMConfig(fold_attention=False, features="activations", correction="none")
+    rep = netfold.fold(model, FoldConfig(ratio=0.5, repair="none", llm=llm), data=ids)
+    assert rep.extra["features"] == "activations"
+    assert all(x["intermediate_size"] == 24 for x in fam.layer_widths(model))
+    assert (logits(model, X) - ref).abs().max() < 1e-4
+    # negative control: the same fold of a model without duplicates is not exact
+    other = tiny("llama", seed=5)
+    ref2 = logits(other, X)
+    netfold.fold(other, FoldConfig(ratio=0.5, repair="none", llm=llm), data=ids)
+    assert (logits(other, X) - ref2).abs().max() > 1e-3
 
 
 def test_diag_refit_scales_merged_columns_only():

@@ -27,7 +27,14 @@ import torch
 import torch.nn as nn
 
 from . import io
-from .config import ALLOCATIONS, METHODS, REPAIRS, DeepInversionConfig, FoldConfig
+from .config import (
+    ALLOCATIONS,
+    LLM_FEATURES,
+    METHODS,
+    REPAIRS,
+    DeepInversionConfig,
+    FoldConfig,
+)
 
 
 def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
@@ -94,7 +101,12 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         skip=tuple(args.skip or ()),
         round_to=args.round_to,
-        llm=LLMConfig(heads=args.heads, correction=args.correction),
+        llm=LLMConfig(
+            heads=args.heads,
+            correction=args.correction,
+            features=args.features,
+            synth_start=args.synth_start,
+        ),
     )
     data = None
     if args.repair == "data":
@@ -290,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", choices=("query", "kv"), default="query", help="LLM head unit")
     p.add_argument(
         "--correction", choices=("none", "scale", "lsq"), default="lsq", help="LLM repair='ar'"
+    )
+    p.add_argument(
+        "--features",
+        choices=LLM_FEATURES,
+        default="auto",
+        help="LLM MLP clustering features (auto: activations when text is at hand)",
+    )
+    p.add_argument(
+        "--synth-start",
+        choices=("random", "bos"),
+        default="random",
+        help="LLM self-generated text starts from BOS + a random token, or BOS only",
     )
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
     p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")

@@ -104,6 +104,7 @@ class DeepInversionConfig(_JSONMixin):
 LLM_HEAD_UNITS = ("query", "kv")
 LLM_CORRECTIONS = ("none", "scale", "lsq")
 LLM_REFITS = ("auto", "full", "diag")
+LLM_FEATURES = ("auto", "weights", "activations")
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,23 @@ class LLMConfig(_JSONMixin):
             multiple of the layer's median are never merged or pruned (they carry the massive
             activations); 0 protects none.
         synth_sequences / synth_length: ``repair="dir"`` for LLMs: the calibration text is
-            sampled from the model itself (BOS, temperature 1), this many sequences of this
-            many tokens; then the down_proj refit of ``repair="data"`` runs on it (data-free).
+            sampled from the model itself (temperature 1), this many sequences of this many
+            tokens; then the down_proj refit of ``repair="data"`` runs on it (data-free). The
+            same text feeds ``allocation="cost"`` and activation features.
+        synth_start: how each sampled sequence begins: "bos" (the BOS token) or "random" (BOS
+            and one token drawn uniformly from the vocabulary, as LLM-QAT does: more varied
+            text).
         refit: the down_proj refit of ``repair="data"`` / ``"dir"``: "full" (ridge least
             squares of every merged column on the original outputs, k x k normal equations),
             "diag" (the "lsq" correction's per-member weights, estimated on the token
             activations instead of Gaussian samples: one scalar per original channel) or
             "auto": "full" for a group with at least 4 token rows per merged channel, else
             "diag" (a full refit on too few rows overfits; benchmarks/results/llm_variants.json).
+        features: what k-means clusters MLP channels on: "weights" (each channel's
+            [gate row | up row | down column], data-free without any text), "activations" (each
+            channel's output on token rows, ``||down_i|| * h_i(x)``, from the calibration ids or
+            the model's own sampled text) or "auto": "activations" whenever token ids are at
+            hand anyway (``allocation="cost"``, ``repair="dir"`` / ``"data"``), else "weights".
     """
 
     heads: str = "query"
@@ -145,6 +155,8 @@ class LLMConfig(_JSONMixin):
     synth_sequences: int = 64
     synth_length: int = 128
     refit: str = "auto"
+    features: str = "auto"
+    synth_start: str = "random"
 
     def __post_init__(self) -> None:
         if self.heads not in LLM_HEAD_UNITS:
@@ -155,6 +167,10 @@ class LLMConfig(_JSONMixin):
             )
         if self.refit not in LLM_REFITS:
             raise ValueError(f"unknown refit {self.refit!r}; choose from {LLM_REFITS}")
+        if self.synth_start not in ("bos", "random"):
+            raise ValueError(f"unknown synth_start {self.synth_start!r}; choose 'bos' or 'random'")
+        if self.features not in LLM_FEATURES:
+            raise ValueError(f"unknown features {self.features!r}; choose from {LLM_FEATURES}")
         if self.gauss_samples < 16:
             raise ValueError(f"gauss_samples must be >= 16, got {self.gauss_samples}")
         if not self.ridge >= 0:

@@ -42,6 +42,7 @@ from ..report import GroupReport, Report
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 LAYER_WIDTHS_KEY = "netfold_layer_widths"
+SYNTH_STARTS = ("bos", "random")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" / "netfold"))) / (
     "smollm2-135m-instruct"
@@ -308,10 +309,13 @@ def mlp_error_curves(
         if not isinstance(g, ChannelGroup) or g.name not in io:
             continue
         x, r = io[g.name]
-        X = L.mlp_features(model, g)
         prot = L.protected_channels(L.channel_gain(model, g), config.llm.protect)
         gate, up = (get_module(model, p).weight.detach().to(torch.float64) for p in g.producers)
         down = get_module(model, g.consumers[0].module).weight.detach().to(torch.float64)
+        if feature_kind(config, have_ids=True) == "activations":
+            X = L.mlp_activation_features(x, gate, up)
+        else:
+            X = L.mlp_features(model, g)
         y = L.swiglu(x, gate, up) @ down.t()
         rn = (r * r).sum(1).clamp_min(1e-30)
         pts = [(g.size, 0.0)]
@@ -325,6 +329,14 @@ def mlp_error_curves(
             pts.append((k, float((((y2 - y) ** 2).sum(1) / rn).median())))
         curves[g.name] = pts
     return curves
+
+
+def feature_kind(config: FoldConfig, have_ids: bool) -> str:
+    """The MLP clustering features a fold uses: "weights" or "activations" (LLMConfig.features)."""
+    f = config.llm.features
+    if f == "auto":
+        return "activations" if have_ids else "weights"
+    return f
 
 
 def _need(ids: torch.Tensor | None) -> torch.Tensor:
@@ -496,31 +508,47 @@ def self_generated_ids(
     seed: int = 0,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    start: str = "bos",
 ) -> torch.Tensor:
     """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
 
-    Sampling starts from the BOS token at ``temperature`` (default 1) with nucleus ``top_p``
-    (default 1: none), no top-k, seeded; the
-    sequences carry the model's own activation statistics (massive activations included),
-    which Gaussian inputs do not.
+    ``start``: "bos" samples every sequence from the BOS token alone; "random" puts one token
+    drawn uniformly from the vocabulary after BOS (special tokens excluded), as LLM-QAT's
+    data-free generation does, so the sequences spread over many topics and languages instead
+    of the few openings the model prefers. Sampling runs at ``temperature`` (default 1) with
+    nucleus ``top_p`` (default 1: none), no top-k, seeded. The sequences carry the model's own
+    activation statistics (massive activations included), which Gaussian inputs do not.
     """
+    if start not in SYNTH_STARTS:
+        raise ValueError(f"unknown start {start!r}; choose from {SYNTH_STARTS}")
     cfg = model.config
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
-    start = torch.full((n, 1), int(bos), dtype=torch.long)
+    head = torch.full((n, 1), int(bos), dtype=torch.long)
+    if start == "random":
+        special = {
+            int(t)
+            for t in (cfg.bos_token_id, cfg.eos_token_id, getattr(cfg, "pad_token_id", None))
+            if isinstance(t, int)
+        }
+        vocab = torch.tensor([t for t in range(int(cfg.vocab_size)) if t not in special])
+        gen = torch.Generator().manual_seed(seed)
+        first = vocab[torch.randint(0, vocab.numel(), (n, 1), generator=gen)]
+        head = torch.cat([head, first], 1)
+    new_tokens = max(length - head.shape[1], 0)
     was = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = model.generate(
-                start,
-                attention_mask=torch.ones_like(start),
+                head,
+                attention_mask=torch.ones_like(head),
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
                 top_p=top_p,
-                max_new_tokens=length - 1,
-                min_new_tokens=length - 1,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0,
             )
     finally:
@@ -571,11 +599,19 @@ def fold_decoder(
     if groups is None:
         groups = find_llm_groups(model, config.llm.heads)
     synth_seconds = None
-    needs_ids = config.repair == "dir" or (config.allocation == "cost" and not widths)
+    needs_ids = (
+        config.repair == "dir"
+        or (config.allocation == "cost" and not widths)
+        or (config.llm.features == "activations" and not prune)
+    )
     if needs_ids and data is None:
         t1 = time.perf_counter()
         data = self_generated_ids(
-            model, config.llm.synth_sequences, config.llm.synth_length, config.seed
+            model,
+            config.llm.synth_sequences,
+            config.llm.synth_length,
+            config.seed,
+            start=config.llm.synth_start,
         )
         synth_seconds = time.perf_counter() - t1
     plan = plan_llm_widths(model, groups, config, widths, data)
@@ -583,8 +619,10 @@ def fold_decoder(
     emb = embedding_params(model)
     todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
 
+    feats = "weights" if prune else feature_kind(config, have_ids=data is not None)
     inputs = None
-    if config.repair in ("data", "dir") and todo:
+    mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
+    if (config.repair in ("data", "dir") and todo) or (feats == "activations" and mlp_todo):
         inputs = collect_mlp_inputs(model, data, seed=config.seed)
     correction, refits = "none", {}
     if config.repair in ("data", "dir"):
@@ -623,9 +661,12 @@ def fold_decoder(
                 L.prune_mlp(state, model, g, keep)
                 labels_of[g.name] = keep.tolist()
                 continue
+            if feats == "activations":
+                gate, up = (get_module(model, p).weight.detach() for p in g.producers)
+                X = L.mlp_activation_features(inputs[g.name], gate, up)
             c = _cluster_protected(X, k, prot, config)
             z, how = None, correction
-            if inputs is not None:
+            if inputs is not None and config.repair in ("data", "dir"):
                 z = inputs[g.name]
                 how = _refit_kind(config.llm.refit, z.shape[0], k)
                 refits[g.name] = "full" if how == "data" else "diag"
@@ -676,6 +717,7 @@ def fold_decoder(
         correction=correction,
         refit=sorted(set(refits.values())) if refits else None,
         heads_unit=config.llm.heads,
+        features=feats,
     )
     if synth_seconds is not None:
         report.extra["self_generation_seconds"] = synth_seconds

@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
 
+import numpy as np
 import torch
 
 __all__ = ["KMeansResult", "kmeans"]
@@ -239,9 +240,14 @@ def _search(
     if p is None:
         work: _GramSpace | _DirectSpace = _GramSpace(Xc) if use_gram else _DirectSpace(Xc)
         best: tuple[float, torch.Tensor, int] | None = None
+        seeds = None
+        if init == "k-means++" and isinstance(work, _GramSpace) and device.type == "cpu":
+            # Lloyd draws nothing from gen, so seeding every run first gives the same seeds.
+            seeds = _kmeanspp_gram_cpu_batch(work, k, gen, n_init)
         with _serial_cpu(_run_serial(device, use_gram, n, k, d)):
-            for _ in range(n_init):
-                labels, n_iter = _single_run(work, k, gen, init, max_iter, tol)
+            for r in range(n_init):
+                s = None if seeds is None else seeds[r]
+                labels, n_iter = _single_run(work, k, gen, init, max_iter, tol, s)
                 obj = work.objective(labels, k) if n_init > 1 else 0.0
                 if best is None or obj < best[0]:
                     best = (obj, labels, n_iter)
@@ -644,6 +650,49 @@ def _kmeanspp(space: _GramSpace | _DirectSpace, k: int, gen: torch.Generator) ->
     return idx
 
 
+def _kmeanspp_gram_cpu_batch(space: _GramSpace, k: int, gen: torch.Generator, runs: int):
+    """``runs`` k-means++ seedings on a CPU Gram matrix, in lockstep, in NumPy.
+
+    Each run draws from ``gen`` exactly what :func:`_kmeanspp` draws, in the same order, and
+    makes the same choices, so the seeds equal ``runs`` sequential calls. The seeding is ``k``
+    sequential steps on ``(trials, n)`` rows; for wide layers (an LLM MLP: k ~ 1,000, n ~ 1,500)
+    the per-call overhead of operators on such small arrays dominates, so the runs advance
+    together and every operator works on ``(runs, trials, n)``.
+
+    Returns:
+        ``(runs, k)`` int64 point indices.
+    """
+    n = space.n
+    trials = 2 + int(math.log(k))
+    firsts, us = [], []
+    for _ in range(runs):
+        firsts.append(int(torch.randint(n, (1,), generator=gen)))
+        us.append(torch.rand(k - 1, trials, generator=gen, dtype=torch.float64).numpy())
+    g = space.g.numpy()
+    # every squared distance once, (n, n), with the operations of _GramSpace.seed_dists
+    D = g - 2.0 * space.G.numpy()
+    D += g[:, None]
+    np.maximum(D, 0, out=D)
+    first = np.array(firsts)
+    u = np.stack(us)  # (runs, k - 1, trials)
+    idx = np.empty((runs, k), dtype=np.int64)
+    idx[:, 0] = first
+    closest = D[first]  # (runs, n)
+    rows = np.arange(runs)
+    for c in range(1, k):
+        cum = np.cumsum(closest, axis=1, dtype=np.float64)  # (runs, n)
+        cand = np.empty((runs, trials), dtype=np.int64)
+        for r in range(runs):
+            cand[r] = np.searchsorted(cum[r], u[r, c - 1] * cum[r, -1])
+        np.minimum(cand, n - 1, out=cand)
+        dist = np.take(D, cand, axis=0)  # (runs, trials, n)
+        np.minimum(dist, closest[:, None, :], out=dist)
+        best = np.argmin(dist.sum(axis=2), axis=1)  # (runs,)
+        closest = dist[rows, best]
+        idx[:, c] = cand[rows, best]
+    return torch.from_numpy(idx)
+
+
 def _single_run(
     space: _GramSpace | _DirectSpace,
     k: int,
@@ -651,10 +700,16 @@ def _single_run(
     init: str,
     max_iter: int,
     tol: float,
+    seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One seeded run (seeding + Lloyd); returns labels ``(n,)`` and the assignment steps."""
+    """One seeded run (seeding + Lloyd); returns labels ``(n,)`` and the assignment steps.
+
+    ``seeds``: ``(k,)`` initial center indices drawn beforehand (then ``gen`` is not used).
+    """
     device = space.g.device if isinstance(space, _GramSpace) else space.Z.device
-    if init == "k-means++":
+    if seeds is not None:
+        idx = seeds.to(device)
+    elif init == "k-means++":
         with _serial_cpu(device.type == "cpu"):
             idx = _kmeanspp(space, k, gen)
     else:

@@ -62,6 +62,22 @@ def mlp_features(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     return torch.cat(cols, 1)
 
 
+def mlp_activation_features(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Channel features from token activations: each channel's output ``h_i(x)``, (I, S).
+
+    Args:
+        x: (S, h) normalised MLP inputs (token rows).
+        gate / up: (I, h) producer rows.
+
+    Channels whose outputs agree on these tokens merge with little error whatever their
+    down_proj columns (the merged column is their sum; identical outputs merge exactly).
+    Weight-space features compare every input direction alike, including ones the model never
+    sees. On SmolLM2-135M, scaling the rows by ||down_i|| or its square root measured no better
+    (benchmarks/results/llm_features.json).
+    """
+    return swiglu(x.to(DT), gate.to(DT), up.to(DT)).t().contiguous()
+
+
 def channel_gain(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     """Weight-only gain of each SwiGLU channel: ||d_i|| ||u_i * s|| ||g_i * s||, (I,).
 
