@@ -30,6 +30,7 @@ from . import io
 from .config import (
     ALLOCATIONS,
     LLM_FEATURES,
+    LLM_SYNTH_STARTS,
     METHODS,
     REPAIRS,
     DeepInversionConfig,
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--synth-start",
-        choices=("random", "bos"),
+        choices=LLM_SYNTH_STARTS,
         default="random",
         help="LLM self-generated text starts from BOS + a random token, or BOS only",
     )

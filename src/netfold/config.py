@@ -105,6 +105,7 @@ LLM_HEAD_UNITS = ("query", "kv")
 LLM_CORRECTIONS = ("none", "scale", "lsq")
 LLM_REFITS = ("auto", "full", "diag")
 LLM_FEATURES = ("auto", "weights", "activations")
+LLM_SYNTH_STARTS = ("random", "bos")
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class LLMConfig(_JSONMixin):
             "diag" (a full refit on too few rows overfits; benchmarks/results/llm_variants.json).
         features: what k-means clusters MLP channels on: "weights" (each channel's
             [gate row | up row | down column], data-free without any text), "activations" (each
-            channel's output on token rows, ``||down_i|| * h_i(x)``, from the calibration ids or
-            the model's own sampled text) or "auto": "activations" whenever token ids are at
+            channel's output h_i(x) on token rows, from the calibration ids or the model's own
+            sampled text) or "auto": "activations" whenever token ids are at
             hand anyway (``allocation="cost"``, ``repair="dir"`` / ``"data"``), else "weights".
     """
 
@@ -167,8 +168,10 @@ class LLMConfig(_JSONMixin):
             )
         if self.refit not in LLM_REFITS:
             raise ValueError(f"unknown refit {self.refit!r}; choose from {LLM_REFITS}")
-        if self.synth_start not in ("bos", "random"):
-            raise ValueError(f"unknown synth_start {self.synth_start!r}; choose 'bos' or 'random'")
+        if self.synth_start not in LLM_SYNTH_STARTS:
+            raise ValueError(
+                f"unknown synth_start {self.synth_start!r}; choose from {LLM_SYNTH_STARTS}"
+            )
         if self.features not in LLM_FEATURES:
             raise ValueError(f"unknown features {self.features!r}; choose from {LLM_FEATURES}")
         if self.gauss_samples < 16:

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import FoldConfig
+from ..config import LLM_SYNTH_STARTS, FoldConfig
 from ..eval.cost import count_params
 from ..fold import llm as L
 from ..fold.cluster import canonical, cluster
@@ -42,7 +42,6 @@ from ..report import GroupReport, Report
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 LAYER_WIDTHS_KEY = "netfold_layer_widths"
-SYNTH_STARTS = ("bos", "random")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" / "netfold"))) / (
     "smollm2-135m-instruct"
@@ -312,10 +311,7 @@ def mlp_error_curves(
         prot = L.protected_channels(L.channel_gain(model, g), config.llm.protect)
         gate, up = (get_module(model, p).weight.detach().to(torch.float64) for p in g.producers)
         down = get_module(model, g.consumers[0].module).weight.detach().to(torch.float64)
-        if feature_kind(config, have_ids=True) == "activations":
-            X = L.mlp_activation_features(x, gate, up)
-        else:
-            X = L.mlp_features(model, g)
+        X = _mlp_cluster_features(model, g, feature_kind(config, have_ids=True), x)
         y = L.swiglu(x, gate, up) @ down.t()
         rn = (r * r).sum(1).clamp_min(1e-30)
         pts = [(g.size, 0.0)]
@@ -329,6 +325,16 @@ def mlp_error_curves(
             pts.append((k, float((((y2 - y) ** 2).sum(1) / rn).median())))
         curves[g.name] = pts
     return curves
+
+
+def _mlp_cluster_features(
+    model: nn.Module, g: ChannelGroup, kind: str, x: torch.Tensor | None
+) -> torch.Tensor:
+    """k-means features of a SwiGLU group: weights (I, 3h) or activations on ``x`` (I, S)."""
+    if kind == "activations":
+        gate, up = (get_module(model, p).weight.detach() for p in g.producers)
+        return L.mlp_activation_features(x, gate, up)
+    return L.mlp_features(model, g)
 
 
 def feature_kind(config: FoldConfig, have_ids: bool) -> str:
@@ -519,8 +525,8 @@ def self_generated_ids(
     nucleus ``top_p`` (default 1: none), no top-k, seeded. The sequences carry the model's own
     activation statistics (massive activations included), which Gaussian inputs do not.
     """
-    if start not in SYNTH_STARTS:
-        raise ValueError(f"unknown start {start!r}; choose from {SYNTH_STARTS}")
+    if start not in LLM_SYNTH_STARTS:
+        raise ValueError(f"unknown start {start!r}; choose from {LLM_SYNTH_STARTS}")
     cfg = model.config
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     head = torch.full((n, 1), int(bos), dtype=torch.long)
@@ -652,19 +658,17 @@ def fold_decoder(
             labels_of[g.name] = torch.cat(labs).tolist()
             costs[g.name] = cost
         else:
-            X = L.mlp_features(model, g)
             prot = L.protected_channels(L.channel_gain(model, g), config.llm.protect)
             if prune:
+                X = L.mlp_features(model, g)
                 score = X.abs().sum(1) if config.method == "magnitude-l1" else (X * X).sum(1)
                 score[prot] = math.inf
                 keep = torch.sort(torch.topk(score, k).indices).values
                 L.prune_mlp(state, model, g, keep)
                 labels_of[g.name] = keep.tolist()
                 continue
-            if feats == "activations":
-                gate, up = (get_module(model, p).weight.detach() for p in g.producers)
-                X = L.mlp_activation_features(inputs[g.name], gate, up)
-            c = _cluster_protected(X, k, prot, config)
+            x = inputs[g.name] if inputs is not None else None
+            c = _cluster_protected(_mlp_cluster_features(model, g, feats, x), k, prot, config)
             z, how = None, correction
             if inputs is not None and config.repair in ("data", "dir"):
                 z = inputs[g.name]

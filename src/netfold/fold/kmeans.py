@@ -650,7 +650,9 @@ def _kmeanspp(space: _GramSpace | _DirectSpace, k: int, gen: torch.Generator) ->
     return idx
 
 
-def _kmeanspp_gram_cpu_batch(space: _GramSpace, k: int, gen: torch.Generator, runs: int):
+def _kmeanspp_gram_cpu_batch(
+    space: _GramSpace, k: int, gen: torch.Generator, runs: int
+) -> torch.Tensor:
     """``runs`` k-means++ seedings on a CPU Gram matrix, in lockstep, in NumPy.
 
     Each run draws from ``gen`` exactly what :func:`_kmeanspp` draws, in the same order, and
