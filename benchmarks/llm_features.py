@@ -12,7 +12,7 @@ benchmarks/results/llm_curves_8seq.json with a 25% floor, the variant study's wi
 - refit of down_proj on the same text: none, diag, full.
 
 Run:
-    python benchmarks/llm_features.py --threads 2 --windows 4
+    python benchmarks/llm_features.py --threads 1 --windows 4
 """
 
 from __future__ import annotations
