@@ -114,6 +114,25 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def study_results(windows: int, out: str | Path | None = None, **fields: Any) -> dict[str, Any]:
+    """Results header of a SmolLM2 study: command, machine, git revision, the evaluation protocol
+    (pydocs eval split, 1024-token windows) and ``fields``; ``rows`` are those already in ``out``
+    (a resumed run), else empty."""
+    from netfold.eval.latency import machine_info
+
+    res: dict[str, Any] = {
+        "command": " ".join(["python"] + sys.argv),
+        "machine": machine_info(),
+        "git_revision": git_rev(),
+        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": windows},
+        **fields,
+        "rows": [],
+    }
+    if out is not None and Path(out).is_file():
+        res["rows"] = json.loads(Path(out).read_text())["rows"]
+    return res
+
+
 def smollm2_and_eval_ids(threads: int):
     """(model, tokenizer, evaluation token ids) with quiet transformers logging, ``threads``."""
     import transformers

@@ -68,14 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from netfold.config import FoldConfig, LLMConfig
     from netfold.eval.cost import count_params
-    from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
     from netfold.families import llama as FL
     from netfold.fold import llm as L
     from netfold.graph.surgery import apply_tensors, get_module
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import git_rev, smollm2_and_eval_ids, write_json
+    from llm_bench import smollm2_and_eval_ids, study_results, write_json
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]
@@ -86,17 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     non_emb = dense - FL.embedding_params(model)
     llm = LLMConfig()
     out = Path(args.out)
-    res: dict[str, Any] = {
-        "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
-        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": args.windows},
-        "widths_from": str(CURVES.relative_to(HERE.parent)) + " (floor 25%)",
-        "text": {"sequences": llm.synth_sequences, "length": llm.synth_length, "seed": 0},
-        "rows": [],
-    }
-    if out.is_file():
-        res["rows"] = json.loads(out.read_text())["rows"]
+    res = study_results(
+        args.windows,
+        out,
+        widths_from=str(CURVES.relative_to(HERE.parent)) + " (floor 25%)",
+        text={"sequences": llm.synth_sequences, "length": llm.synth_length, "seed": 0},
+    )
     done = {(r["target"], r["start"], r["features"], r["refit"]) for r in res["rows"]}
     if not any(r.get("method") == "dense" for r in res["rows"]):
         p = perplexity(model, tok, ids=ids, seqlen=1024, max_windows=args.windows)

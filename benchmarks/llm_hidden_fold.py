@@ -25,7 +25,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -171,21 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     import copy
 
     from netfold.eval.cost import count_params
-    from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import greedy_sample, perplexity
     from netfold.families.llama import embedding_params
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import PROMPT, git_rev, smollm2_and_eval_ids, write_json
+    from llm_bench import PROMPT, smollm2_and_eval_ids, study_results, write_json
 
-    res: dict[str, Any] = {
-        "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
-        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": args.windows},
-        "self_check": self_check(),
-        "rows": [],
-    }
+    res = study_results(args.windows, self_check=self_check())
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     dense = count_params(model)
     non_emb = dense - embedding_params(model)

@@ -20,7 +20,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     import netfold
     from netfold.config import FoldConfig, LLMConfig
     from netfold.eval.cost import count_params
-    from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
     from netfold.families.llama import (
         embedding_params,
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import git_rev, smollm2_and_eval_ids, write_json
+    from llm_bench import smollm2_and_eval_ids, study_results, write_json
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     t0 = time.perf_counter()
@@ -78,16 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     scan_seconds = time.perf_counter() - t0
     dense = count_params(model)
     non_emb = dense - embedding_params(model)
-    res: dict[str, Any] = {
-        "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
-        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": args.windows},
-        "kl_text": {"sequences": args.sequences, "length": 128, "seed": 1},
-        "kl_at_25pct": kl,
-        "scan_seconds": scan_seconds,
-        "rows": [],
-    }
+    res = study_results(
+        args.windows,
+        kl_text={"sequences": args.sequences, "length": 128, "seed": 1},
+        kl_at_25pct=kl,
+        scan_seconds=scan_seconds,
+    )
     by = {g.name: g for g in mlps}
     order = sorted(kl, key=lambda n: kl[n])
     for target in [float(t) for t in args.targets.split(",")]:

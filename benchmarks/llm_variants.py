@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     from netfold.config import FoldConfig, LLMConfig
     from netfold.data.text import calibration_windows
     from netfold.eval.cost import count_params
-    from netfold.eval.latency import machine_info
     from netfold.eval.perplexity import perplexity
     from netfold.families.llama import (
         allocate_by_cost,
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     sys.path.insert(0, str(HERE))
-    from llm_bench import git_rev, smollm2_and_eval_ids, write_json
+    from llm_bench import smollm2_and_eval_ids, study_results, write_json
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]
@@ -122,16 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(v[5] == "self64-t07" for v in VARIANTS):
         data["self64-t07"] = self_generated_ids(model, 64, llm.synth_length, 0, 0.7, 0.95)
     out = Path(args.out)
-    res: dict[str, Any] = {
-        "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
-        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": args.windows},
-        "curves_from": str(CURVES.relative_to(HERE.parent)),
-        "rows": [],
-    }
-    if out.is_file():
-        res["rows"] = json.loads(out.read_text())["rows"]
+    res = study_results(args.windows, out, curves_from=str(CURVES.relative_to(HERE.parent)))
     done = {(r["method"], r["target"]) for r in res["rows"]}
     if ("dense", 0.0) not in done:
         res["rows"].append(
