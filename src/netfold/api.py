@@ -28,11 +28,175 @@ from .graph.trace import find_groups, infer_example_inputs
 from .report import Report
 
 
+def check_materialised(model: nn.Module) -> None:
+    """Raise ValueError naming the first parameter or buffer on the meta device (no values)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(
+                f"model weights are not materialised: {name!r} is on the meta device; load "
+                "real weights first (e.g. model.to_empty(device='cpu') then load_state_dict)"
+            )
+
+
 def check_finite(model: nn.Module) -> None:
-    """Raise ValueError naming the first parameter or buffer holding NaN or inf."""
+    """Raise ValueError naming the first parameter or buffer holding NaN or inf (or on meta)."""
+    check_materialised(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensor {name!r} contains NaN or inf; refusing to fold")
+
+
+def check_patterns(
+    groups: Sequence[ChannelGroup], config: FoldConfig, modules_of=None, foldable_only=True
+) -> None:
+    """Raise ValueError when a ``ratios`` / ``skip`` pattern of ``config`` matches no group.
+
+    A pattern that matches nothing is almost always a typo or a name from another model; left
+    alone it would fold (or keep) everything silently. ``ratios`` patterns must match a group
+    that can fold; ``skip`` patterns any group.
+
+    Args:
+        groups: the model's channel groups (after tracing).
+        config: the FoldConfig.
+        modules_of: ``g -> module names`` the patterns are matched against besides ``g.name``
+            (default: the group's producers and channel ops, as :func:`group_ratio` does).
+        foldable_only: match ``ratios`` against foldable groups only.
+    """
+    if not config.ratios and not config.skip:
+        return
+    modules_of = modules_of or _owner_modules
+    every = [[g.name, *modules_of(g)] for g in groups]
+    can_fold = [[g.name, *modules_of(g)] for g in groups if g.foldable or not foldable_only]
+    bad = [fp for fp in config.patterns_without_match(can_fold) if fp[0] == "ratios"]
+    bad += [fp for fp in config.patterns_without_match(every) if fp[0] == "skip"]
+    if bad:
+        field, pattern = bad[0]
+        shown = [g.name for g in groups if g.foldable] or [g.name for g in groups]
+        more = f", ... ({len(shown)} in all)" if len(shown) > 6 else ""
+        raise ValueError(
+            f"{field} pattern {pattern!r} matches no "
+            f"{'foldable ' if field == 'ratios' and foldable_only else ''}group of this model; "
+            f"groups: {', '.join(shown[:6])}{more}"
+        )
+
+
+def _fold_decoder(model: nn.Module, config: FoldConfig, **kw) -> Report:
+    from .families.llama import fold_decoder
+
+    return fold_decoder(model, config, **kw)
+
+
+def _fold_encoder(
+    model: nn.Module,
+    config: FoldConfig,
+    *,
+    data=None,
+    widths: dict[str, int] | None = None,
+    groups: list[ChannelGroup] | None = None,
+    progress: bool = False,
+) -> Report:
+    from .families.encoders import fold_encoder
+
+    if data is not None:
+        raise ValueError(
+            f"data= is not used when folding encoders ({type(model).__name__}): their repair "
+            "is data-free ('ar' or 'none'); drop data="
+        )
+    if widths is not None:
+        raise ValueError("widths= is supported for decoder LLMs only; use ratios= patterns")
+    return fold_encoder(model, config, groups=groups, progress=progress)
+
+
+def hf_families() -> dict[str, object]:
+    """Hugging Face ``model_type`` -> fold function, from the families' own tables."""
+    from .families.encoders import SUPPORTED_MODEL_TYPES
+    from .families.llama import SUPPORTED
+
+    return {
+        **{t: _fold_decoder for t in SUPPORTED},
+        **{t: _fold_encoder for t in SUPPORTED_MODEL_TYPES},
+    }
+
+
+def model_family(model: nn.Module):
+    """The fold function for a Hugging Face ``model`` (None for models the tracer handles).
+
+    Raises:
+        ValueError: a Hugging Face model whose ``config.model_type`` no family supports.
+    """
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(mt, str):
+        return None
+    families = hf_families()
+    if mt not in families:
+        raise ValueError(
+            f"unsupported Hugging Face model {type(model).__name__} (model_type={mt!r}); "
+            f"netfold folds model types {sorted(families)}"
+        )
+    return families[mt]
+
+
+def _first_layer_shape(model: nn.Module) -> str:
+    """What the first Linear / Conv expects, for error messages: "(N, 3, H, W)", "(N, ..., 64)"."""
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))),
+        None,
+    )
+    if isinstance(first, nn.Linear):
+        return f"(N, ..., {first.in_features}) (first layer: Linear({first.in_features}, ...))"
+    if isinstance(first, nn.modules.conv._ConvNd):
+        spatial = ", ".join("HWD"[: len(first.kernel_size)])
+        return f"(N, {first.in_channels}, {spatial}) (first layer: {type(first).__name__})"
+    return "the model's input shape"
+
+
+def check_data(
+    model: nn.Module, data, example_inputs: tuple[torch.Tensor, ...] | None
+) -> torch.Tensor:
+    """Collect ``data`` into one (N, ...) batch and check it fits ``model``, or raise ValueError.
+
+    Empty, NaN / inf, a dtype other than the model's, or a shape other than ``example_inputs``'
+    (or, without them, one the model cannot run on: tried once in eval mode, no gradients,
+    training mode restored) are refused with a message naming ``data``.
+
+    Returns:
+        The calibration batch (N, ...), at most 1024 samples.
+    """
+    try:
+        batch = collect_inputs(data)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise type(e)(msg if "data" in msg else f"data: {msg}") from None
+    if batch.dim() == 0 or batch.shape[0] == 0 or batch.numel() == 0:
+        raise ValueError(f"data is empty (shape {tuple(batch.shape)}): no calibration samples")
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    want = example_inputs[0].dtype if example_inputs else (p.dtype if p is not None else None)
+    if want is not None and batch.dtype != want:
+        raise ValueError(f"data must have dtype {want} (the model's inputs), got {batch.dtype}")
+    if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+        raise ValueError("data contains NaN or inf; calibration inputs must be finite")
+    if example_inputs:
+        ex = example_inputs[0]
+        if tuple(batch.shape[1:]) != tuple(ex.shape[1:]):
+            raise ValueError(
+                f"data must have shape (N, {', '.join(map(str, ex.shape[1:]))}) like "
+                f"example_inputs, got {tuple(batch.shape)}"
+            )
+        return batch
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch[:2])
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"data of shape {tuple(batch.shape)} does not fit the model, which expects "
+            f"{_first_layer_shape(model)}: {reason}"
+        ) from None
+    finally:
+        model.train(was)
+    return batch
 
 
 def _owner_modules(g: ChannelGroup) -> list[str]:
@@ -235,16 +399,21 @@ def fold(
 ) -> Report:
     """Fold ``model`` in place: cluster each channel group, merge, repair.
 
-    Hugging Face Llama-family decoders (Llama, SmolLM2, Qwen2, Mistral) are folded by
-    :func:`netfold.families.llama.fold_decoder` (MLP channels and whole attention heads).
+    Hugging Face models are dispatched on ``config.model_type`` (:data:`HF_FAMILIES`):
+    Llama-family decoders (Llama, SmolLM2, Qwen2, Mistral) to
+    :func:`netfold.families.llama.fold_decoder` (MLP channels and whole attention heads),
+    encoders (BERT, RoBERTa, DistilBERT, ViT) to :func:`netfold.families.encoders.fold_encoder`.
+    Any other model is traced with torch.fx.
 
     Args:
         model: a CNN / MLP (traced with torch.fx) in eval or train mode; its mode is kept.
         config: what to fold and how (default ``FoldConfig()``: ratio 0.5, k-means, Fold-AR).
         example_inputs: an input batch, e.g. (N, C, H, W), for tracing and FLOP counts;
             inferred from the first layer when None.
-        data: calibration inputs for ``repair="data"``: a Tensor (N, ...), a list of Tensors or
-            (x, y) pairs, or a DataLoader (at most 1024 samples are used).
+        data: calibration inputs for ``repair="data"``: a Tensor (N, ...) of the model's input
+            shape and dtype, a list of Tensors or (x, y) pairs, or a DataLoader (at most 1024
+            samples are used). Refused with any other repair (it would be ignored). Decoder
+            LLMs: token ids (n, seqlen), see :func:`netfold.families.llama.fold_decoder`.
         synthetic: an already synthesised Deep-Inversion batch for ``repair="dir"`` (synthesis
             depends only on the original model, so sweeps can reuse one batch).
         groups: precomputed channel groups (from :func:`netfold.graph.find_groups` on this same
@@ -256,8 +425,13 @@ def fold(
         A :class:`Report` (parameters, FLOPs, widths per group, skipped groups, time).
 
     Raises:
-        TypeError: config of the wrong type, or a model torch.fx cannot trace.
-        ValueError: NaN/inf weights, missing data for repair="data", an unreachable target.
+        TypeError: config / model / example_inputs of the wrong type, or a model torch.fx
+            cannot trace.
+        ValueError: weights on the meta device or NaN/inf; missing ``data`` for
+            repair="data", or ``data`` a repair would ignore; empty / non-finite ``data`` or
+            ``data`` of another shape or dtype than the model's inputs; a ``ratios`` / ``skip``
+            pattern that matches no group; an unsupported Hugging Face model type; an
+            unreachable target. All raised before the model changes.
     """
     t0 = time.perf_counter()
     if config is None:
@@ -266,12 +440,14 @@ def fold(
         raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from .families.llama import fold_decoder, is_hf_decoder
-
-    if is_hf_decoder(model):
-        return fold_decoder(
-            model, config, data=data, widths=widths, groups=groups, progress=progress
+    check_materialised(model)
+    if synthetic is not None and config.repair != "dir":
+        raise ValueError(
+            f"synthetic= is only used by repair='dir', not repair={config.repair!r}; drop it"
         )
+    family = model_family(model)
+    if family is not None:
+        return family(model, config, data=data, widths=widths, groups=groups, progress=progress)
     if widths is not None:
         raise ValueError("widths= is supported for decoder LLMs only; use ratios= patterns")
     check_finite(model)
@@ -279,18 +455,31 @@ def fold(
         raise ValueError(
             "repair='data' needs calibration inputs: pass data=... (a Tensor, batches or a DataLoader)"
         )
+    if data is not None and config.repair != "data":
+        why = "synthesises its own inputs" if config.repair == "dir" else "is data-free"
+        raise ValueError(
+            f"data= is only used by repair='data'; repair={config.repair!r} {why} and would "
+            "ignore it (pass repair='data' to calibrate on it, or drop data=)"
+        )
     if config.repair == "dir" and not any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
     ):
         raise ValueError(
             "repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics)"
         )
-    if example_inputs is None:
-        example_inputs = infer_example_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+        if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+            raise TypeError("example_inputs must be a Tensor or a non-empty sequence of Tensors")
+    calib = check_data(model, data, example_inputs) if data is not None else None
+    if example_inputs is None:
+        # Calibration data already showed which shape the model runs on; no need to guess.
+        example_inputs = (calib[:2],) if calib is not None else infer_example_inputs(model)
     if groups is None:
         groups = find_groups(model, example_inputs)
+    check_patterns(groups, config)
     mode = "ar" if config.repair == "ar" else "naive"
     widths = plan_widths(model, groups, config, mode=mode, progress=progress)
     params_before = count_params(model)
@@ -311,7 +500,7 @@ def fold(
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if todo and config.repair in ("dir", "data"):
         if config.repair == "data":
-            batch = collect_inputs(data)
+            batch = calib
         else:
             batch = (
                 synthetic

@@ -27,6 +27,8 @@ MERGE_BASELINES = ("ifm",)
 METHODS = CLUSTER_METHODS + PRUNE_METHODS + MERGE_BASELINES
 REPAIRS = ("none", "ar", "dir", "data")
 ALLOCATIONS = ("uniform", "cost")
+#: The ratio a FoldConfig uses when neither ``ratio`` nor ``target_sparsity`` is given.
+DEFAULT_RATIO = 0.5
 
 
 class _JSONMixin:
@@ -40,6 +42,8 @@ class _JSONMixin:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(d) - set(known)
         if unknown:
@@ -190,11 +194,13 @@ class FoldConfig(_JSONMixin):
 
     Args:
         ratio: fraction of channels removed in every foldable group; k = round(n * (1 - ratio)),
-            at least ``min_channels``. 0 is the identity.
+            at least ``min_channels``. 0 is the identity. Default (None): 0.5
+            (:data:`DEFAULT_RATIO`) without ``target_sparsity``, unused with it; giving both is
+            an error.
         ratios: per-group overrides, ``{pattern: ratio}``; a pattern (fnmatch) is matched against
             the group name and every module name in the group, first match wins.
         target_sparsity: fraction of all parameters to remove; when set, netfold solves for the
-            ratios (uniform, or by ``allocation``) and ``ratio`` is ignored.
+            ratios (uniform, or by ``allocation``) and ``ratio`` must be left unset.
         allocation: how the parameter budget is spread over groups: "uniform" (one ratio) or
             "cost" (data-free: each group's width from its k-means folding cost curve J(k),
             normalised by the group's weight energy, one global threshold; see
@@ -219,7 +225,7 @@ class FoldConfig(_JSONMixin):
         llm: options for decoder LLMs (heads unit, data-free correction).
     """
 
-    ratio: float = 0.5
+    ratio: float | None = None
     ratios: dict[str, float] | None = None
     target_sparsity: float | None = None
     allocation: str = "uniform"
@@ -236,7 +242,19 @@ class FoldConfig(_JSONMixin):
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
-        _check_fraction("ratio", self.ratio)
+        if self.ratio is not None:
+            _check_fraction("ratio", self.ratio)
+        if self.target_sparsity is not None:
+            _check_fraction("target_sparsity", self.target_sparsity)
+            if self.ratio is not None:
+                # Two budgets for one fold: silently dropping either would surprise someone.
+                raise ValueError(
+                    f"give either ratio ({self.ratio}) or target_sparsity "
+                    f"({self.target_sparsity}), not both"
+                )
+        elif self.ratio is None:
+            # Stored resolved, so to_dict / JSON and every reader of .ratio see the number.
+            object.__setattr__(self, "ratio", DEFAULT_RATIO)
         if self.ratios is not None:
             if not isinstance(self.ratios, dict):
                 raise TypeError(
@@ -246,8 +264,6 @@ class FoldConfig(_JSONMixin):
                 if not isinstance(pat, str) or not pat:
                     raise ValueError(f"ratios keys must be non-empty strings, got {pat!r}")
                 _check_fraction(f"ratios[{pat!r}]", r)
-        if self.target_sparsity is not None:
-            _check_fraction("target_sparsity", self.target_sparsity)
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose from {ALLOCATIONS}")
         if self.method not in METHODS:
@@ -256,20 +272,24 @@ class FoldConfig(_JSONMixin):
             raise ValueError(f"unknown repair {self.repair!r}; choose from {REPAIRS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        for n in ("n_init", "max_iter", "min_channels"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{n} must be an int, got {v!r}")
         if self.n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not self.tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
         if self.min_channels < 1:
             raise ValueError(f"min_channels (k) must be >= 1, got {self.min_channels}")
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool):
             raise TypeError(f"round_to must be an int, got {self.round_to!r}")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
-            raise TypeError("skip must be a sequence of fnmatch patterns (strings)")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) and s for s in self.skip):
+            raise TypeError("skip must be a sequence of non-empty fnmatch patterns (strings)")
         object.__setattr__(self, "skip", tuple(self.skip))
         if isinstance(self.deep_inversion, dict):
             object.__setattr__(
@@ -287,7 +307,8 @@ class FoldConfig(_JSONMixin):
     ) -> float | None:
         """The ratio for the group ``name`` whose modules are ``modules``: None when a ``skip``
         pattern matches, else the first matching ``ratios`` pattern, else ``default`` (or
-        ``ratio``). Patterns are fnmatch'ed against the name and every module name."""
+        ``ratio``, or :data:`DEFAULT_RATIO` when ``target_sparsity`` leaves it unset). Patterns
+        are fnmatch'ed against the name and every module name."""
         names = [name, *modules]
 
         def hit(pattern: str) -> bool:
@@ -298,7 +319,26 @@ class FoldConfig(_JSONMixin):
         for pat, r in (self.ratios or {}).items():
             if hit(pat):
                 return r
-        return self.ratio if default is None else default
+        if default is not None:
+            return default
+        return self.ratio if self.ratio is not None else DEFAULT_RATIO
+
+    def patterns_without_match(self, names: Iterable[Iterable[str]]) -> list[tuple[str, str]]:
+        """The ``ratios`` / ``skip`` patterns that match none of ``names``.
+
+        Args:
+            names: per group, its name followed by its module names.
+
+        Returns:
+            ``[(field, pattern), ...]`` with field "ratios" or "skip", in config order.
+        """
+        groups = [list(n) for n in names]
+
+        def used(pattern: str) -> bool:
+            return any(fnmatch(n, pattern) for g in groups for n in g)
+
+        out = [("ratios", p) for p in (self.ratios or {}) if not used(p)]
+        return out + [("skip", p) for p in self.skip if not used(p)]
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

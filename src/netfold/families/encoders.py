@@ -37,6 +37,7 @@ from ..report import Report
 __all__ = [
     "ATTENTION_LAYOUTS",
     "MLP_LAYOUTS",
+    "SUPPORTED_MODEL_TYPES",
     "AttentionBlock",
     "build_hf",
     "encoder_groups",
@@ -45,6 +46,10 @@ __all__ = [
     "mark_hf",
 ]
 
+#: Hugging Face ``config.model_type`` values :func:`netfold.fold` sends to :func:`fold_encoder`
+#: (each covered by a tiny-config test in tests/test_errors.py).
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "vit")
+
 #: (first Linear, activation, second Linear, optional modules between act and second),
 #: relative to the module that holds the MLP.
 MLP_LAYOUTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -52,6 +57,8 @@ MLP_LAYOUTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", ()),
     # Hugging Face ViT in transformers >= 5 (ViTMLP).
     ("mlp.fc1", "mlp.activation_fn", "mlp.fc2", ()),
+    # Hugging Face DistilBERT (FFN).
+    ("ffn.lin1", "ffn.activation", "ffn.lin2", ()),
     # timm Mlp (ViT, MLP-Mixer) and netfold's Mixer: fc1, act, drop1, norm, fc2.
     ("fc1", "act", "fc2", ("drop1", "norm")),
 )
@@ -87,6 +94,15 @@ ATTENTION_LAYOUTS: tuple[_AttnLayout, ...] = (
         "attention.o_proj",
         "head_dim",
     ),
+    # DistilBERT: heads are inferred from attention_head_size in forward (view(..., -1, hd)).
+    _AttnLayout(
+        "attention",
+        "attention.q_lin",
+        "attention.k_lin",
+        "attention.v_lin",
+        "attention.out_lin",
+        "attention_head_size",
+    ),
     # ViT, transformers < 5.
     _AttnLayout(
         "attention.attention",
@@ -99,7 +115,7 @@ ATTENTION_LAYOUTS: tuple[_AttnLayout, ...] = (
 )
 
 #: Head-count attributes synced after folding heads (those a module has).
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 HEAD_WIDTH_ATTRS = ("all_head_size",)
 
 
@@ -280,11 +296,12 @@ def fold_encoder(
         A Report (operation "fold") with one GroupReport per folded group.
 
     Raises:
-        ValueError: unsupported repair, NaN/inf weights, nothing to fold.
+        ValueError: unsupported repair, weights on meta or NaN/inf, nothing to fold, a
+            ``ratios`` / ``skip`` pattern that matches no group.
     """
     from tqdm.auto import tqdm
 
-    from ..api import check_finite, plan_widths
+    from ..api import check_finite, check_patterns, plan_widths
     from ..config import FoldConfig
     from ..eval.cost import count_params
     from ..fold.cluster import cluster
@@ -303,6 +320,7 @@ def fold_encoder(
     groups = [g for g in groups if (heads and g.head_size > 1) or (mlp and g.head_size == 1)]
     if not groups:
         raise ValueError("nothing to fold: no groups of the requested kinds")
+    check_patterns(groups, config)
     widths = plan_widths(model, groups, config)
     todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
     params_before = count_params(model)

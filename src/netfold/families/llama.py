@@ -50,9 +50,12 @@ SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" 
 
 # ------------------------------------------------------------------------------- detection
 def is_hf_decoder(model: nn.Module) -> bool:
-    """True for a Hugging Face model with a config (decoder or not; see :func:`check_supported`)."""
-    cfg = getattr(model, "config", None)
-    return cfg is not None and isinstance(getattr(cfg, "model_type", None), str)
+    """True for a Hugging Face model of a supported Llama-family ``model_type`` (:data:`SUPPORTED`).
+
+    Encoders (BERT, ViT, ...) and other Hugging Face models are not decoders here; they go to
+    :mod:`netfold.families.encoders` or are refused by :func:`netfold.api.model_family`.
+    """
+    return getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -563,6 +566,41 @@ def self_generated_ids(
 
 
 # ---------------------------------------------------------------------------------- fold
+def _uses_ids(config: FoldConfig, widths: dict[str, int] | None, prune: bool) -> bool:
+    """Whether a fold with this config reads calibration token ids when they are given."""
+    if config.repair in ("data", "dir"):
+        return True
+    if config.allocation == "cost" and not widths:
+        return True
+    return not prune and config.llm.fold_mlp and config.llm.features != "weights"
+
+
+def _check_ids(model: nn.Module, data: Any) -> None:
+    """Raise ValueError unless ``data`` is token ids (n, seqlen) inside the model's vocabulary."""
+    batches = [data] if isinstance(data, torch.Tensor) else data
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError(
+            "data must be token ids: a (n, seqlen) integer Tensor or a non-empty list of them, "
+            f"got {type(data).__name__}"
+        )
+    emb = model.get_input_embeddings()
+    vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else int(model.config.vocab_size)
+    for i, b in enumerate(batches):
+        where = "data" if isinstance(data, torch.Tensor) else f"data[{i}]"
+        if not isinstance(b, torch.Tensor) or b.dim() != 2:
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"{where} must be token ids of shape (n, seqlen), got {shape}")
+        if b.dtype == torch.bool or b.is_floating_point() or b.is_complex():
+            raise ValueError(f"{where} must hold integer token ids, got dtype {b.dtype}")
+        if b.numel() == 0:
+            raise ValueError(f"{where} is empty (shape {tuple(b.shape)}): no calibration tokens")
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"{where} holds token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
+            )
+
+
 def fold_decoder(
     model: nn.Module,
     config: FoldConfig,
@@ -578,8 +616,10 @@ def fold_decoder(
         model: LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (any Llama-layout model).
         config: the FoldConfig; ``config.llm`` picks the head unit and the data-free correction;
             ``method`` "kmeans" folds, "magnitude-l1" / "magnitude-l2" prune the same groups.
-        data: token ids (n, seqlen) for ``repair="data"``; ``repair="dir"`` samples its own
-            calibration sequences from the model (data-free).
+        data: token ids (n, seqlen) (an integer Tensor or a list of them, every id in
+            ``[0, vocab_size)``) for ``repair="data"``; ``repair="dir"``, ``allocation="cost"``
+            and activation features sample their own from the model when it is None (data-free)
+            and use it when given. Refused when this config would not read it.
         widths: explicit widths ``{group: channels or query heads}`` instead of ratios.
         groups: precomputed :func:`find_llm_groups` output.
         progress: progress bars.
@@ -588,10 +628,12 @@ def fold_decoder(
         The Report; ``extra`` holds non-embedding parameter counts and sparsity.
 
     Raises:
-        ValueError: unsupported architecture, NaN/inf weights, a width that cannot be met,
-            an unreachable target, missing calibration data for repair="data".
+        ValueError: unsupported architecture, weights on meta or NaN/inf, a width that cannot
+            be met, an unreachable target, missing calibration data for repair="data", ``data``
+            that is not token ids inside the vocabulary or that this config would ignore, a
+            ``ratios`` / ``skip`` pattern that matches no group.
     """
-    from ..api import check_finite
+    from ..api import check_finite, check_patterns
 
     t0 = time.perf_counter()
     check_supported(model)
@@ -602,8 +644,18 @@ def fold_decoder(
     if not prune and config.method != "kmeans" and config.method not in ("greedy",):
         if not config.method.startswith("agglomerative") and config.method != "spectral":
             raise ValueError(f"method {config.method!r} is not supported for LLMs")
+    if data is not None:
+        _check_ids(model, data)
+        if not _uses_ids(config, widths, prune):
+            raise ValueError(
+                f"data= would be ignored: with repair={config.repair!r}, "
+                f"allocation={config.allocation!r} and features={config.llm.features!r} this "
+                "LLM fold is data-free (token ids are used by repair 'data'/'dir', "
+                "allocation='cost' or features 'auto'/'activations'); drop data="
+            )
     if groups is None:
         groups = find_llm_groups(model, config.llm.heads)
+    check_patterns(groups, config, modules_of=lambda g: g.modules)
     synth_seconds = None
     needs_ids = (
         config.repair == "dir"
