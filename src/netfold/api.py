@@ -130,7 +130,7 @@ def model_family(model: nn.Module):
     families = hf_families()
     if mt not in families:
         raise ValueError(
-            f"unsupported Hugging Face model {type(model).__name__} (model_type={mt!r}); "
+            f"unsupported architecture {type(model).__name__} (Hugging Face model_type={mt!r}); "
             f"netfold folds model types {sorted(families)}"
         )
     return families[mt]

@@ -14,13 +14,19 @@ LLMs: MODEL is a Hugging Face folder, a ``.gguf`` file or a hub id, e.g.
 MODEL is a saved netfold directory (netfold.json inside), a checkpoint trained by
 benchmarks/train_fmnist.py (``.safetensors`` with its ``.json``), or an architecture name
 (``resnet18`` for torchvision, ``netfold:resnet18_cifar``) with ``--weights FILE``.
+
+Exit status: 0 on success; 2 for a usage error (bad option, bad input file or model, an output
+path that cannot be written: checked before any work), with a one-line ``netfold: error: ...``;
+1 for an unexpected internal error (``--debug`` anywhere on the line prints the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -37,18 +43,99 @@ from .config import (
     FoldConfig,
 )
 
+#: Exceptions that mean "the user's input is wrong" (exit 2), not "netfold is broken" (exit 1).
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def check_output(path: str | None, option: str, *, directory: bool = True) -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Creates nothing: an existing ``path`` must be a directory (``directory=True``) or a file
+    (``directory=False``) and writable; a new one needs its nearest existing ancestor to be a
+    writable directory.
+
+    Raises:
+        ValueError: naming ``option`` and the reason.
+    """
+    if path is None:
+        return
+    if not path:
+        raise ValueError(f"{option} is empty")
+    p = Path(path).absolute()
+    if p.exists():
+        if directory and not p.is_dir():
+            raise ValueError(f"{option} {path} is an existing file, not a directory")
+        if not directory and p.is_dir():
+            raise ValueError(f"{option} {path} is an existing directory, not a file")
+        if not os.access(p if directory else p.parent, os.W_OK):
+            raise ValueError(f"{option} {path} is not writable")
+        return
+    anc = p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be created: {anc} is not writable")
+
+
+def json_option(text: str, option: str) -> dict:
+    """Parse a JSON-object option value, or raise ValueError naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value
+
+
+def positive(args: argparse.Namespace, *names: str) -> None:
+    """Raise ValueError naming the first integer option among ``names`` that is set and < 1."""
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _load_netfold_dir(d: Path) -> nn.Module:
+    """io.load with a damaged netfold.json reported as one ValueError naming the file."""
+    try:
+        return io.load(d)
+    except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
+        # A file written by hand or cut short: its contents, not netfold, are at fault.
+        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{d / 'netfold.json'} is damaged ({detail})") from None
+
 
 def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
-    """Load a model from a netfold dir, a training checkpoint, or an architecture spec."""
+    """Load a model from a netfold dir, a training checkpoint, or an architecture spec.
+
+    Raises:
+        FileNotFoundError: ``spec`` or ``weights`` names a path that does not exist, or a
+            folder that holds no saved model.
+        ValueError: a damaged save, an unknown architecture, weights that do not fit it.
+    """
     p = Path(spec)
-    if p.is_dir() and (p / "netfold.json").is_file():
-        return io.load(p)
-    if p.suffix in (".safetensors", ".json") and p.with_suffix(".json").is_file():
+    if p.is_dir():
+        if (p / "netfold.json").is_file():
+            return _load_netfold_dir(p)
+        raise FileNotFoundError(f"{spec} is a folder without netfold.json: not a saved model")
+    if p.suffix in (".safetensors", ".json", ".pt", ".pth"):
+        if not p.is_file():
+            raise FileNotFoundError(f"model file {spec} does not exist")
+        if not p.with_suffix(".json").is_file():
+            raise FileNotFoundError(
+                f"{spec}: a training checkpoint needs its {p.with_suffix('.json').name} next to "
+                "it; for a bare state_dict pass the architecture name and --weights FILE"
+            )
         from .models.train import load_checkpoint
 
         model, info = load_checkpoint(p)
         return io.set_arch(model, f"netfold:{info['arch']}", info["model_kwargs"])
     arch = spec if ":" in spec else f"torchvision:{spec}"
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights} does not exist")
     model = io.build(arch, kwargs or {})
     if weights:
         if weights.endswith(".safetensors"):
@@ -58,7 +145,11 @@ def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"--weights {weights} do not fit {arch}: {first}") from None
     return model.eval()
 
 
@@ -93,8 +184,11 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
     from .families.llama import load_causal_lm, save_pretrained
 
     model, tok = load_causal_lm(args.model)
+    ratio = args.ratio
+    if ratio is None and args.target_sparsity is None:
+        ratio = 0.2  # LLMs lose far more per channel than CNNs: a milder default
     cfg = FoldConfig(
-        ratio=args.ratio if args.ratio is not None else 0.2,
+        ratio=ratio,
         target_sparsity=args.target_sparsity,
         method=args.method,
         repair=args.repair,
@@ -159,18 +253,31 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
 
 
 def _input_shape(arg: str | None) -> tuple[int, ...] | None:
-    if arg:
-        return tuple(int(v) for v in arg.split(","))
-    return None
+    if not arg:
+        return None
+    try:
+        shape = tuple(int(v) for v in arg.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape must look like C,H,W (integers), got {arg!r}") from None
+    if any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape sizes must be >= 1, got {arg!r}")
+    return shape
+
+
+DATASETS = ("fashion-mnist",)
+
+
+def _check_dataset(name: str | None) -> None:
+    if name is not None and name not in DATASETS:
+        raise ValueError(
+            f"--data {name!r} is unknown: only {', '.join(DATASETS)} ships with these machines"
+        )
 
 
 def _data(name: str | None, n_calib: int):
     if name is None:
         return None, None
-    if name != "fashion-mnist":
-        raise SystemExit(
-            f"unknown dataset {name!r}: only 'fashion-mnist' ships with these machines"
-        )
+    _check_dataset(name)
     from .data.fashion_mnist import calibration_batches, load_fashion_mnist
 
     test = load_fashion_mnist("test")
@@ -180,16 +287,37 @@ def _data(name: str | None, n_calib: int):
     return test, calib
 
 
+def _check_fits(model: nn.Module, x: torch.Tensor, what: str) -> None:
+    """Run one input through ``model`` (eval, no grad) or raise ValueError naming ``what``."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:  # noqa: BLE001 - any failure: the input does not fit this model
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"{what} inputs of shape {tuple(x.shape)} do not fit the model: {reason}"
+        ) from None
+    finally:
+        model.train(was)
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from .api import fold
     from .eval.accuracy import evaluate_accuracy
 
+    check_output(args.out, "--out")
+    positive(args, "calib", "calib_windows", "round_to", "seqlen", "max_windows")
     if is_llm_spec(args.model):
         return cmd_fold_llm(args)
-
-    model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
+    kwargs = json_option(args.model_kwargs, "--model-kwargs")
+    _check_dataset(args.data)
+    if args.repair == "data" and args.data is None:
+        raise ValueError("--repair data needs calibration images: pass --data fashion-mnist")
+    shape = _input_shape(args.input_shape)
     cfg = FoldConfig(
-        ratio=args.ratio if args.ratio is not None else 0.5,
+        ratio=args.ratio,
         target_sparsity=args.target_sparsity,
         allocation=args.allocation,
         skip=tuple(args.skip or ()),
@@ -201,14 +329,16 @@ def cmd_fold(args: argparse.Namespace) -> int:
             steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
         ),
     )
+    model = load_any(args.model, weights=args.weights, kwargs=kwargs)
     test, calib = _data(args.data, args.calib)
-    shape = _input_shape(args.input_shape)
     example = None
     if shape is not None:
         example = torch.randn((2,) + shape, generator=torch.Generator().manual_seed(0))
+        _check_fits(model, example, "--input-shape")
     elif calib is not None:
         example = calib[:2]
     if test is not None:
+        _check_fits(model, test[0][:2], f"--data {args.data}")
         acc0 = evaluate_accuracy(model, *test)
     report = fold(
         model,
@@ -232,16 +362,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.accuracy import evaluate_accuracy
     from .eval.cost import count_flops, count_params
 
+    positive(args, "seqlen", "max_windows")
     if is_llm_spec(args.model):
         return cmd_eval_llm(args)
-    model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
-    test, _ = _data(args.data, 64)
-    x = test[0][:1] if test is not None else None
+    data = None if args.data == "none" else args.data
+    _check_dataset(data)
+    model = load_any(
+        args.model, weights=args.weights, kwargs=json_option(args.model_kwargs, "--model-kwargs")
+    )
+    test, _ = _data(data, 64)
     print(f"params {count_params(model):,}")
-    if x is not None:
+    if test is not None:
+        x = test[0][:1]
+        _check_fits(model, x, f"--data {data}")
         print(f"FLOPs  {count_flops(model, x):,} per image")
         print(
-            f"accuracy {100 * evaluate_accuracy(model, *test):.2f}% on {args.data} test ({len(test[1])} images)"
+            f"accuracy {100 * evaluate_accuracy(model, *test):.2f}% on {data} test ({len(test[1])} images)"
         )
     return 0
 
@@ -256,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="netfold", description="Compress trained PyTorch networks without data."
     )
+    # Read by main() wherever it appears on the line; declared here for --help.
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def model_args(p):
@@ -328,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="parameters, FLOPs and accuracy of a model")
     model_args(p)
-    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument(
+        "--data", default="fashion-mnist", help="test set for accuracy (fashion-mnist, or none)"
+    )
     llm_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -358,13 +498,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 2 usage error, 1 internal error).
+
+    ``--debug`` anywhere on the line prints the traceback of an error as well.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"netfold: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"netfold: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("netfold: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a short message, rc 1
+        if debug:
+            traceback.print_exc()
+        print(
+            f"netfold: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -280,7 +280,11 @@ class FoldConfig(_JSONMixin):
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not self.tol >= 0:
+        if (
+            isinstance(self.tol, bool)
+            or not isinstance(self.tol, (int, float))
+            or not self.tol >= 0
+        ):
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
         if self.min_channels < 1:
             raise ValueError(f"min_channels (k) must be >= 1, got {self.min_channels}")

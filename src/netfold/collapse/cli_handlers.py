@@ -11,7 +11,6 @@ the test split before and after.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -46,13 +45,17 @@ def add_collapse_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Run the ``collapse`` subcommand; returns the exit status."""
-    from ..cli import load_any
+    from ..cli import check_output, json_option, load_any, positive
     from ..eval.accuracy import evaluate_accuracy
     from ..io import save
     from .api import collapse
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Every argument is checked before the model is loaded or a thread count changes.
+    check_output(args.out, "--out")
+    positive(args, "subset", "batch_size", "threads")
+    if args.data is not None and args.data != "fashion-mnist":
+        raise ValueError(f"--data {args.data!r} is unknown: only 'fashion-mnist' is available")
+    kwargs = json_option(args.model_kwargs, "--model-kwargs")
     config = CollapseConfig(
         lc=args.lc,
         epochs=args.epochs,
@@ -64,11 +67,11 @@ def cmd_collapse(args: argparse.Namespace) -> int:
         targets=tuple(args.target),
         seed=args.seed,
     )
-    model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_any(args.model, weights=args.weights, kwargs=kwargs)
     batches = test = None
     if args.data is not None:
-        if args.data != "fashion-mnist":
-            raise ValueError(f"unknown dataset {args.data!r}: only 'fashion-mnist' is available")
         from ..data.fashion_mnist import load_fashion_mnist
 
         x, y = load_fashion_mnist("train")

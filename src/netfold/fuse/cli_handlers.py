@@ -139,6 +139,8 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     if spec in ("smollm2", "smollm2-135m"):
         spec = str(smollm2_path())
     if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise FileNotFoundError(f"{spec} is a folder without config.json: not a HF model")
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         cfg = AutoConfig.from_pretrained(spec)
@@ -181,9 +183,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Handler of ``netfold export``: load, optionally fuse, export, compare with ONNX Runtime."""
+    from netfold.cli import check_output, positive
     from netfold.export import check_onnx, export_onnx
     from netfold.fuse import format_decision_log, fuse
 
+    check_output(args.onnx, "--onnx", directory=False)
+    positive(args, "batch", "image_size", "seq_len", "opset")
     lm = load_model(args.model, seed=args.seed)
     if args.image_size:
         lm.image_size = args.image_size
@@ -240,9 +245,17 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     import sys
     import tempfile
 
+    from netfold.cli import check_output, positive
     from netfold.eval.latency import format_latency_table
     from netfold.fuse.bench import benchmark_paths
 
+    check_output(args.json, "--json", directory=False)
+    check_output(args.workdir, "--workdir")
+    positive(args, "threads", "repeats", "calls_per_round", "image_size", "seq_len")
+    if any(b < 1 for b in args.batch):
+        raise ValueError(f"--batch sizes must be >= 1, got {args.batch}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     lm = load_model(args.model, seed=args.seed)
     if args.image_size:
         lm.image_size = args.image_size
