@@ -47,6 +47,12 @@ from .config import (
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
+def _one_line(e: BaseException | str) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def check_output(path: str | None, option: str, *, directory: bool = True) -> None:
     """Refuse an output path that cannot be written, before any work is done.
 
@@ -99,13 +105,20 @@ def positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _load_netfold_dir(d: Path) -> nn.Module:
-    """io.load with a damaged netfold.json reported as one ValueError naming the file."""
+    """io.load with a damaged save reported as one ValueError naming its netfold.json."""
+    meta = d / "netfold.json"
     try:
         return io.load(d)
-    except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, AttributeError, TypeError, IndexError) as e:
         # A file written by hand or cut short: its contents, not netfold, are at fault.
         detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{d / 'netfold.json'} is damaged ({detail})") from None
+        raise ValueError(f"{meta} is damaged ({_one_line(detail)})") from None
+    except (ValueError, RuntimeError) as e:  # bad JSON, unknown arch, weights that do not fit
+        msg = _one_line(e)
+        raise ValueError(msg if str(d) in msg else f"{meta}: {msg}") from None
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
 
 
 def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
@@ -121,7 +134,7 @@ def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
         if (p / "netfold.json").is_file():
             return _load_netfold_dir(p)
         raise FileNotFoundError(f"{spec} is a folder without netfold.json: not a saved model")
-    if p.suffix in (".safetensors", ".json", ".pt", ".pth"):
+    if p.suffix in MODEL_FILE_SUFFIXES:
         if not p.is_file():
             raise FileNotFoundError(f"model file {spec} does not exist")
         if not p.with_suffix(".json").is_file():
@@ -160,7 +173,14 @@ def is_llm_spec(spec: str) -> bool:
         return True
     if p.is_dir():
         return (p / "config.json").is_file() and not (p / "netfold.json").is_file()
-    return "/" in spec and ":" not in spec and not p.exists()
+    # A hub id is exactly "org/name"; a missing local path must not be sent to the hub.
+    return (
+        spec.count("/") == 1
+        and ":" not in spec
+        and not spec.startswith((".", "/", "~"))
+        and p.suffix not in MODEL_FILE_SUFFIXES
+        and not p.exists()
+    )
 
 
 def _llm_ids(source: str, tokenizer, split: str = "eval") -> torch.Tensor:
@@ -496,12 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # optional extras (onnx) missing
         pass
     return ap
-
-
-def _one_line(e: BaseException) -> str:
-    """The exception's message on one line (multi-line messages joined with '; ')."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return "; ".join(lines) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
