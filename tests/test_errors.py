@@ -131,9 +131,6 @@ def test_data_a_repair_would_ignore_is_refused(repair) -> None:
     with pytest.raises(ValueError, match=f"data= is only used by repair='data'; repair='{repair}'"):
         netfold.fold(m, FoldConfig(repair=repair), data=X)
     _assert_unchanged(m, before)
-    with pytest.raises(ValueError, match="synthetic= is only used by repair='dir'"):
-        netfold.fold(m, FoldConfig(repair="ar"), synthetic=X)
-    _assert_unchanged(m, before)
 
 
 # ------------------------------------------------------------------------------- patterns

@@ -415,7 +415,8 @@ def fold(
             samples are used). Refused with any other repair (it would be ignored). Decoder
             LLMs: token ids (n, seqlen), see :func:`netfold.families.llama.fold_decoder`.
         synthetic: an already synthesised Deep-Inversion batch for ``repair="dir"`` (synthesis
-            depends only on the original model, so sweeps can reuse one batch).
+            depends only on the original model, so sweeps can reuse one batch; other repairs
+            ignore it, which lets a sweep pass the same arguments to every run).
         groups: precomputed channel groups (from :func:`netfold.graph.find_groups` on this same
             model), to skip tracing.
         progress: show progress bars.
@@ -441,10 +442,6 @@ def fold(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised(model)
-    if synthetic is not None and config.repair != "dir":
-        raise ValueError(
-            f"synthetic= is only used by repair='dir', not repair={config.repair!r}; drop it"
-        )
     family = model_family(model)
     if family is not None:
         return family(model, config, data=data, widths=widths, groups=groups, progress=progress)
