@@ -17,6 +17,8 @@ import netfold
 from netfold import FoldConfig
 from netfold.config import DEFAULT_RATIO, LLMConfig
 from netfold.eval.cost import count_params
+from netfold.families.encoders import find_attention
+from netfold.families.llama import is_hf_decoder
 from netfold.io import build
 
 transformers = pytest.importorskip("transformers")
@@ -264,6 +266,27 @@ def test_encoders_fold_through_netfold_fold(kind) -> None:
     out = _run(m)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, ref, atol=1e-3)  # it really folded
+    # every head-count attribute the attention modules carry agrees with the folded tensors
+    for a in find_attention(m):
+        attn = m.get_submodule(a.attn)
+        counts = [getattr(attn, n, None) for n in ("num_attention_heads", "num_heads", "n_heads")]
+        assert [c for c in counts if c is not None] == [2], (a.attn, counts)
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "vit"])
+def test_folded_encoder_save_reload(kind, tmp_path) -> None:
+    m = _hf(kind)
+    netfold.fold(m, FoldConfig(ratio=0.5))
+    netfold.save(m, tmp_path / "m")
+    r = netfold.load(tmp_path / "m")
+    assert count_params(r) == ENCODER_PARAMS[kind][1]
+    torch.testing.assert_close(_run(r), _run(m), atol=1e-5, rtol=1e-5)
+
+
+def test_is_hf_decoder_is_true_for_llama_family_only() -> None:
+    assert is_hf_decoder(_llama())
+    assert not is_hf_decoder(_hf("bert")) and not is_hf_decoder(_hf("vit"))
+    assert not is_hf_decoder(_cnn())
 
 
 def test_encoder_planted_duplicate_heads_fold_exactly_through_netfold_fold() -> None:
