@@ -38,11 +38,13 @@ from .config import (
 )
 
 
-def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
+def load_any(
+    spec: str, *, weights: str | None = None, kwargs: dict | None = None, verify: bool = True
+) -> nn.Module:
     """Load a model from a netfold dir, a training checkpoint, or an architecture spec."""
     p = Path(spec)
     if p.is_dir() and (p / "netfold.json").is_file():
-        return io.load(p)
+        return io.load(p, verify=verify)
     if p.suffix in (".safetensors", ".json") and p.with_suffix(".json").is_file():
         from .models.train import load_checkpoint
 
@@ -90,9 +92,9 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
     from .api import fold
     from .config import LLMConfig
     from .eval.perplexity import greedy_sample, perplexity
-    from .families.llama import load_causal_lm, save_pretrained
+    from .families.llama import config_extension, load_causal_lm, save_pretrained
 
-    model, tok = load_causal_lm(args.model)
+    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     cfg = FoldConfig(
         ratio=args.ratio if args.ratio is not None else 0.2,
         target_sparsity=args.target_sparsity,
@@ -136,9 +138,9 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
             sample_prompt=prompt, sample_before=before["sample"], sample_after=after_s
         )
     if args.out:
-        d = save_pretrained(model, args.out, tok)
-        (d / "netfold_metadata.json").write_text(json.dumps({"report": report.to_dict()}, indent=1))
-        print(f"saved to {args.out}")
+        d = save_pretrained(model, args.out, tok, metadata={"report": report.to_dict()})
+        note = config_extension(d)
+        print(f"saved to {args.out}" + (f" ({note})" if note else ""))
     return 0
 
 
@@ -147,7 +149,7 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
     from .eval.perplexity import default_seqlen, perplexity
     from .families.llama import embedding_params, load_causal_lm
 
-    model, tok = load_causal_lm(args.model)
+    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     n = count_params(model)
     print(f"params {n:,} ({n - embedding_params(model):,} non-embedding)")
     if args.ppl:
@@ -187,7 +189,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if is_llm_spec(args.model):
         return cmd_fold_llm(args)
 
-    model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
+    model = load_any(
+        args.model,
+        weights=args.weights,
+        kwargs=json.loads(args.model_kwargs),
+        verify=not args.no_verify,
+    )
     cfg = FoldConfig(
         ratio=args.ratio if args.ratio is not None else 0.5,
         target_sparsity=args.target_sparsity,
@@ -234,7 +241,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if is_llm_spec(args.model):
         return cmd_eval_llm(args)
-    model = load_any(args.model, weights=args.weights, kwargs=json.loads(args.model_kwargs))
+    model = load_any(
+        args.model,
+        weights=args.weights,
+        kwargs=json.loads(args.model_kwargs),
+        verify=not args.no_verify,
+    )
     test, _ = _data(args.data, 64)
     x = test[0][:1] if test is not None else None
     print(f"params {count_params(model):,}")
@@ -270,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--model-kwargs",
             default="{}",
             help="constructor kwargs as JSON, e.g. '{\"num_classes\": 10}'",
+        )
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="load a saved folder without checking its checksums and finite weights",
         )
 
     def llm_args(p):
