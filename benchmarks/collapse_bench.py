@@ -44,7 +44,6 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
-import json
 import os
 import re
 import subprocess
@@ -522,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["machine"]["loadavg_end"] = list(os.getloadavg())
     path = Path(args.out) if args.out else RESULTS / f"collapse_{args.exp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    from netfold.atomic import write_json
+
+    write_json(path, out)
     log(f"wrote {path} ({out['seconds']} s)")
     return 0
 

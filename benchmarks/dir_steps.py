@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -83,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    from netfold.atomic import write_json
+
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

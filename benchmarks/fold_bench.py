@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    from netfold.atomic import write_json
+
+    write_json(out, results)
     print(f"wrote {out}")
     return 0
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -428,7 +427,9 @@ def main() -> None:
         )
         report["loadavg_at_end"] = os.getloadavg()
         report["total_wall_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
-        out.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive a crash
+        from netfold.atomic import write_json
+
+        write_json(out, report, indent=2)  # partial results survive a crash
         log(f"wrote {out}")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from netfold.atomic import write_json
 from netfold.eval.cost import count_flops, count_params
 from netfold.eval.latency import format_latency_table, machine_info
 from netfold.fuse.bench import benchmark_paths, parse_path, path_label
@@ -198,11 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(format_latency_table({"models": [res]}), flush=True)
         print(json.dumps(res["summary"], indent=1), flush=True)
         if args.out:  # write after every model, so a crash keeps what was measured
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            write_json(args.out, results)
     results["machine"]["loadavg_end"] = machine_info().get("loadavg_1_5_15")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_json(args.out, results)
     return results
 
 

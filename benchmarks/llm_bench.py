@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
 import subprocess
 import sys
@@ -107,11 +106,10 @@ def run_one(model, tok, ids, calib, self_ids, spec, target, windows, threads, sa
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a crash never leaves a half-written results file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (:func:`netfold.atomic.write_json`, fsynced)."""
+    from netfold.atomic import write_json as _write
+
+    _write(path, obj)
 
 
 def study_results(windows: int, out: str | Path | None = None, **fields: Any) -> dict[str, Any]:

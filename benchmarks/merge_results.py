@@ -35,7 +35,9 @@ def main(argv: list[str]) -> int:
         if "full_resnet18_fold_time" in r:
             merged["full_resnet18_fold_time"] = r["full_resnet18_fold_time"]
     merged["command"] = " ; ".join(run["command"] for run in merged["runs"])
-    Path(out).write_text(json.dumps(merged, indent=1))
+    from netfold.atomic import write_json
+
+    write_json(out, merged)
     print(f"wrote {out}")
     return 0
 

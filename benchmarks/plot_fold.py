@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     fig.tight_layout()
     fig.savefig(out / "fold_fmnist.png", dpi=110)
-    (out / "fold_fmnist.md").write_text("\n".join(lines) + "\n")
+    from netfold.atomic import write_text
+
+    write_text(out / "fold_fmnist.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'fold_fmnist.png'} and {out / 'fold_fmnist.md'}")
     return 0
 

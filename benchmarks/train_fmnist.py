@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(summary)
         print(json.dumps(summary), flush=True)
     if args.results_json:
-        with open(args.results_json, "w") as f:
-            json.dump(summaries, f, indent=2)
+        from netfold.atomic import write_json
+
+        write_json(args.results_json, summaries, indent=2)
     return 0
 
 

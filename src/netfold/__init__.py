@@ -9,6 +9,7 @@ from .config import DeepInversionConfig, FoldConfig
 from .fuse import FuseConfig, fuse
 from .graph.trace import TraceError, find_groups
 from .io import load, save
+from .registry import register_arch
 from .report import GroupReport, Report
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "fold",
     "fuse",
     "load",
+    "register_arch",
     "save",
 ]
 __version__ = "0.1.0"

@@ -104,11 +104,11 @@ def positive(args: argparse.Namespace, *names: str) -> None:
             raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
 
 
-def _load_netfold_dir(d: Path) -> nn.Module:
+def _load_netfold_dir(d: Path, verify: bool = True) -> nn.Module:
     """io.load with a damaged save reported as one ValueError naming its netfold.json."""
     meta = d / "netfold.json"
     try:
-        return io.load(d)
+        return io.load(d, verify=verify)
     except (KeyError, AttributeError, TypeError, IndexError) as e:
         # A file written by hand or cut short: its contents, not netfold, are at fault.
         detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
@@ -121,7 +121,9 @@ def _load_netfold_dir(d: Path) -> nn.Module:
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
 
 
-def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = None) -> nn.Module:
+def load_any(
+    spec: str, *, weights: str | None = None, kwargs: dict | None = None, verify: bool = True
+) -> nn.Module:
     """Load a model from a netfold dir, a training checkpoint, or an architecture spec.
 
     Raises:
@@ -132,7 +134,7 @@ def load_any(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
     p = Path(spec)
     if p.is_dir():
         if (p / "netfold.json").is_file():
-            return _load_netfold_dir(p)
+            return _load_netfold_dir(p, verify=verify)
         raise FileNotFoundError(f"{spec} is a folder without netfold.json: not a saved model")
     if p.suffix in MODEL_FILE_SUFFIXES:
         if not p.is_file():
@@ -201,9 +203,9 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
     from .api import fold
     from .config import LLMConfig
     from .eval.perplexity import greedy_sample, perplexity
-    from .families.llama import load_causal_lm, save_pretrained
+    from .families.llama import config_extension, load_causal_lm, save_pretrained
 
-    model, tok = load_causal_lm(args.model)
+    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     ratio = args.ratio
     if ratio is None and args.target_sparsity is None:
         ratio = 0.2  # LLMs lose far more per channel than CNNs: a milder default
@@ -250,9 +252,9 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
             sample_prompt=prompt, sample_before=before["sample"], sample_after=after_s
         )
     if args.out:
-        d = save_pretrained(model, args.out, tok)
-        (d / "netfold_metadata.json").write_text(json.dumps({"report": report.to_dict()}, indent=1))
-        print(f"saved to {args.out}")
+        d = save_pretrained(model, args.out, tok, metadata={"report": report.to_dict()})
+        note = config_extension(d)
+        print(f"saved to {args.out}" + (f" ({note})" if note else ""))
     return 0
 
 
@@ -261,7 +263,7 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
     from .eval.perplexity import default_seqlen, perplexity
     from .families.llama import embedding_params, load_causal_lm
 
-    model, tok = load_causal_lm(args.model)
+    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     n = count_params(model)
     print(f"params {n:,} ({n - embedding_params(model):,} non-embedding)")
     if args.ppl:
@@ -349,7 +351,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
             steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
         ),
     )
-    model = load_any(args.model, weights=args.weights, kwargs=kwargs)
+    model = load_any(args.model, weights=args.weights, kwargs=kwargs, verify=not args.no_verify)
     test, calib = _data(args.data, args.calib)
     example = None
     if shape is not None:
@@ -388,7 +390,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = None if args.data == "none" else args.data
     _check_dataset(data)
     model = load_any(
-        args.model, weights=args.weights, kwargs=json_option(args.model_kwargs, "--model-kwargs")
+        args.model,
+        weights=args.weights,
+        kwargs=json_option(args.model_kwargs, "--model-kwargs"),
+        verify=not args.no_verify,
     )
     test, _ = _data(data, 64)
     print(f"params {count_params(model):,}")
@@ -428,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--model-kwargs",
             default="{}",
             help="constructor kwargs as JSON, e.g. '{\"num_classes\": 10}'",
+        )
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="load a saved folder without checking its checksums and finite weights",
         )
 
     def llm_args(p):

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..atomic import write_text  # noqa: E402
+
 REPAIR_NAMES = {"none": "", "ar": "+AR", "dir": "+DIR", "data": "+REPAIR(data)"}
 
 
@@ -177,9 +179,7 @@ def plot_results(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
         _save(fig, written[-1])
 
     written.append(out_dir / f"{name}.md")
-    tmp = written[-1].with_name(written[-1].name + ".tmp")
-    tmp.write_text(results_table(results))
-    os.replace(tmp, written[-1])
+    write_text(written[-1], results_table(results))
     return written
 
 

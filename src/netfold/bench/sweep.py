@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import fold
+from ..atomic import write_json
 from ..config import DeepInversionConfig, FoldConfig
 from ..eval.accuracy import evaluate_accuracy
 from ..eval.cost import count_flops, count_params
@@ -60,10 +61,7 @@ def git_revision() -> str:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def validate(config: dict[str, Any]) -> None:

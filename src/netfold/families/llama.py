@@ -14,6 +14,13 @@ stock config fields, so ``AutoModelForCausalLM.from_pretrained`` reloads the sav
 per-layer widths are recorded as ``config.netfold_layer_widths`` (a list, one
 ``{"intermediate_size", "num_attention_heads", "num_key_value_heads"}`` per layer), which
 :func:`load_pretrained` (and ``netfold.load``) reads.
+
+Config extension: when the installed transformers refuses the folded head counts as stock
+fields (Llama and Gemma configs require ``hidden_size % num_attention_heads == 0`` even with an
+explicit ``head_dim``; decided by validating the config, not by model type), the stock fields
+keep the unfolded head counts, ``netfold_layer_widths`` records the actual widths of every layer
+and ``netfold_config_extension`` says why. Such a folder reloads with ``netfold.load``
+(stock ``from_pretrained`` would see the unfolded shapes and refuse the weights).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ from ..report import GroupReport, Report
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 LAYER_WIDTHS_KEY = "netfold_layer_widths"
+CONFIG_EXTENSION_KEY = "netfold_config_extension"
+STOCK_ATTR = "_netfold_stock_widths"
+_STOCK_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" / "netfold"))) / (
     "smollm2-135m-instruct"
@@ -425,6 +435,10 @@ def sync_decoder(model: nn.Module) -> None:
     cfg = model.config
     cfg.head_dim = _layers(model)[0].self_attn.head_dim
     first = widths[0]
+    if not hasattr(model, STOCK_ATTR):
+        # the head counts the config had before the first fold: a save falls back to them
+        # when transformers refuses the folded ones (see _saved_config)
+        setattr(model, STOCK_ATTR, {k: getattr(cfg, k) for k in _STOCK_FIELDS[1:]})
     if all(w == first for w in widths):
         for k, v in first.items():
             setattr(cfg, k, v)
@@ -825,27 +839,241 @@ def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
 
 
 # ------------------------------------------------------------------------------ save/load
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """``model.save_pretrained`` (safetensors) plus the tokenizer when given."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(d)
-    return d
 
 
-def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a saved decoder, with per-layer widths from ``config.netfold_layer_widths`` if any."""
+class ConfigExtensionWarning(UserWarning):
+    """The folded widths were saved through netfold's config extension, not stock fields."""
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def config_error(cfg: Any) -> str | None:
+    """Why the installed transformers would refuse to save or load ``cfg`` (None: it accepts it).
+
+    Runs the config class's own validation and rebuilds it from its dict, the two steps
+    ``save_pretrained`` / ``from_pretrained`` take, on a copy.
+    """
+    try:
+        c = copy.deepcopy(cfg)
+        if hasattr(c, "validate"):
+            c.validate()
+        type(cfg).from_dict(c.to_dict())
+    except Exception as e:  # noqa: BLE001 - any refusal means "not accepted"
+        return _one_line(e)
+    return None
+
+
+def _saved_config(model: nn.Module) -> tuple[Any, str | None]:
+    """The config to write, and the reason when the netfold extension had to be used.
+
+    Stock fields carry the folded widths when the installed transformers accepts them. When it
+    does not (Llama / Gemma configs require ``hidden_size % num_attention_heads == 0`` even with
+    an explicit ``head_dim``), the stock fields keep the unfolded head counts (which it accepts)
+    and the actual widths go to ``netfold_layer_widths``, read by :func:`load_pretrained`.
+    """
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, CONFIG_EXTENSION_KEY):
+        delattr(cfg, CONFIG_EXTENSION_KEY)
+    qc = getattr(cfg, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        del cfg.quantization_config  # weights are dequantized floats: a plain model now
+    why = config_error(cfg)
+    if why is None:
+        return cfg, None
+    try:
+        widths = layer_widths(model)
+    except ValueError:
+        raise ValueError(f"the installed transformers refuses this config: {why}") from None
+    hd = int(getattr(cfg, "head_dim", None) or _layers(model)[0].self_attn.head_dim)
+    candidates = []
+    stock = getattr(model, STOCK_ATTR, None)
+    if isinstance(stock, dict):
+        candidates.append(stock)
+    nh = cfg.hidden_size // hd
+    nkv = widths[0]["num_key_value_heads"]
+    candidates.append(
+        {"num_attention_heads": nh, "num_key_value_heads": nkv if nh % nkv == 0 else nh}
+    )
+    for stock_fields in candidates:
+        ext = copy.deepcopy(cfg)
+        for k, v in stock_fields.items():
+            setattr(ext, k, v)
+        ext.head_dim = hd
+        setattr(ext, LAYER_WIDTHS_KEY, widths)
+        note = (
+            f"folded widths saved as the netfold config extension ({LAYER_WIDTHS_KEY}); stock "
+            f"fields rejected by transformers: {why}; reload with netfold.load"
+        )
+        setattr(ext, CONFIG_EXTENSION_KEY, note)
+        if config_error(ext) is None:
+            return ext, note
+    raise ValueError(f"the installed transformers refuses this config: {why}")
+
+
+def config_extension(directory: str | os.PathLike) -> str | None:
+    """The note a save left when it used the netfold config extension (None: stock config)."""
+    import json
+
+    p = Path(directory) / "config.json"
+    try:
+        note = json.loads(p.read_text()).get(CONFIG_EXTENSION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return note if isinstance(note, str) else None
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """``model.save_pretrained`` (safetensors, the model's dtype), atomically, plus extras.
+
+    The folder is written as a temporary sibling and swapped in (see :mod:`netfold.atomic`):
+    the path always holds the previous complete save or this one, never a mix. Also written:
+    the tokenizer when given, ``metadata`` as ``netfold_metadata.json``, and the sha256 of every
+    weight file (``netfold_checksums.json``, verified by :func:`load_pretrained`).
+
+    Folded widths that the installed transformers refuses as stock config fields are saved
+    through the netfold config extension (a :class:`ConfigExtensionWarning` says so and
+    ``config.json`` gets a ``netfold_config_extension`` note, see :func:`config_extension`).
+    A model loaded from a GGUF file (dequantized by transformers) saves as a plain model.
+
+    Raises:
+        ValueError: a non-finite tensor (named), or an existing folder that is not a save.
+            Raised before anything is written.
+        TypeError: metadata is not JSON-serialisable.
+    """
+    import json
+    import warnings
+
+    from ..atomic import atomic_directory
+    from ..io import check_finite, replaceable, write_checksums
+
+    if metadata is not None:
+        json.dumps(metadata)  # TypeError before anything is written
+    check_finite(model.state_dict(), "save_pretrained")
+    cfg, note = _saved_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    gguf = quantizer is not None and not hasattr(cfg, "quantization_config")
+    with atomic_directory(directory, replaceable=replaceable) as tmp:
+        old_cfg = model.config
+        model.config = cfg
+        if gguf:
+            model.hf_quantizer = None
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.config = old_cfg
+            if gguf:
+                model.hf_quantizer = quantizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if metadata:
+            (tmp / "netfold_metadata.json").write_text(
+                json.dumps(metadata, indent=1, sort_keys=True)
+            )
+        write_checksums(tmp)
+    if note:
+        warnings.warn(f"{directory}: {note}", ConfigExtensionWarning, stacklevel=2)
+    return Path(directory)
+
+
+def _check_hf_config(d: Path) -> None:
+    """Refuse a config.json that asks for custom code or names an unknown model type."""
+    from transformers import CONFIG_MAPPING
+
+    from ..io import _read_json
+
+    info = _read_json(d / "config.json")
+    for key in ("auto_map", "trust_remote_code"):
+        if key in info:
+            raise ValueError(
+                f"{d / 'config.json'}: field {key!r} asks for custom code from the folder; "
+                "netfold never runs code named in a file"
+            )
+    mt = info.get("model_type")
+    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+        raise ValueError(f"{d / 'config.json'}: unknown model_type {mt!r}")
+
+
+def _check_per_layer(per_layer: Any, n_layers: int, d: Path) -> list[dict[str, int]]:
+    ok = (
+        isinstance(per_layer, list)
+        and len(per_layer) == n_layers
+        and all(
+            isinstance(w, dict)
+            and set(w) == set(_STOCK_FIELDS)
+            and all(type(v) is int and v > 0 for v in w.values())
+            for w in per_layer
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"{d / 'config.json'}: {LAYER_WIDTHS_KEY} must list {n_layers} layers of "
+            f"{_STOCK_FIELDS} positive ints"
+        )
+    return per_layer
+
+
+def _saved_dtype(cfg: Any) -> torch.dtype:
+    """The floating dtype a config records (``dtype`` / ``torch_dtype``); float32 if none."""
+    for key in ("dtype", "torch_dtype"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, str):
+            v = getattr(torch, v, None)
+        if isinstance(v, torch.dtype) and v.is_floating_point:
+            return v
+    return torch.float32
+
+
+def load_pretrained(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, *, verify: bool = True
+) -> nn.Module:
+    """Load a saved decoder, with per-layer widths from ``config.netfold_layer_widths`` if any.
+
+    Only safetensors weights are read and no remote code runs (a config with ``auto_map`` is
+    refused). With ``verify``, the sha256 record of a netfold save is checked and non-finite
+    weights are refused. ``dtype`` defaults to the dtype the config records (float32 if none),
+    so a float64 or bfloat16 save reloads as it was saved.
+
+    Raises:
+        ValueError: a refused config, a checksum mismatch or non-finite weights.
+        FileNotFoundError: no safetensors weights.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..atomic import recover
+    from ..io import check_finite, read_checksums, verify_checksums
+
     d = Path(directory)
-    cfg = AutoConfig.from_pretrained(d)
+    recover(d)
+    _check_hf_config(d)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d} holds no .safetensors weights")
+    sums = read_checksums(d)
+    if verify and sums is not None:
+        verify_checksums(d, sums)
+    cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    dtype = dtype or _saved_dtype(cfg)
     per_layer = getattr(cfg, LAYER_WIDTHS_KEY, None)
     if not per_layer:
-        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32).eval()
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            d, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+        if verify:
+            check_finite(model.state_dict(), str(d))
+        return model.eval()
+    per_layer = _check_per_layer(per_layer, cfg.num_hidden_layers, d)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     for layer, w in zip(_layers(model), per_layer):
         hd = layer.self_attn.head_dim
         attn, mlp = layer.self_attn, layer.mlp
@@ -865,12 +1093,11 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
             if lin.bias is not None:
                 lin.bias = nn.Parameter(torch.empty(o, dtype=lin.bias.dtype))
             lin.out_features, lin.in_features = o, i
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    if verify:
+        check_finite(state, str(d))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tied_ok = {k for k in missing if k in tied or k.startswith("lm_head.")}
@@ -882,11 +1109,12 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, *, verify: bool = True):
     """(model, tokenizer) from a model folder, a ``.gguf`` file, or a hub id (when reachable).
 
     GGUF files are dequantized by transformers' gguf loader into a float model; the quantizer
-    record is dropped so the model saves as plain safetensors.
+    record is dropped so the model saves as plain safetensors. ``verify`` (folders): check
+    the saved checksums and refuse non-finite weights (see :func:`load_pretrained`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -901,7 +1129,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
             del model.config.quantization_config
         return model.eval(), tok
     if p.is_dir():
-        model = load_pretrained(p, dtype)
+        model = load_pretrained(p, dtype, verify=verify)
         tok = AutoTokenizer.from_pretrained(str(p)) if _has_tokenizer(p) else None
         return model, tok
     try:
@@ -945,7 +1173,5 @@ def load_smollm2(cache: Path | None = SMOLLM2_CACHE):
         return load_causal_lm(str(cache))
     model, tok = load_causal_lm(str(smollm2_gguf()))
     if cache is not None:
-        tmp = Path(str(cache) + f".tmp{os.getpid()}")
-        save_pretrained(model, tmp, tok)
-        os.replace(tmp, cache) if not Path(cache).exists() else None
+        save_pretrained(model, cache, tok)  # atomic: a killed conversion leaves no cache
     return model, tok

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +276,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     )
     print(format_latency_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from ..atomic import write_json
+
+        write_json(args.json, result, indent=2)
         print(f"wrote {args.json}")
     return 0

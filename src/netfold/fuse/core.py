@@ -15,7 +15,13 @@ from netfold.eval.cost import count_flops, count_params
 from netfold.fuse.config import FuseConfig
 from netfold.fuse.plan import Fusion, Rejection, plan_dropout_removal, plan_fusions
 from netfold.fuse.record import call_model, record_forward
-from netfold.fuse.verify import Equivalence, compare_outputs, flat_outputs, run_float64
+from netfold.fuse.verify import (
+    Equivalence,
+    compare_outputs,
+    flat_outputs,
+    require_finite,
+    run_float64,
+)
 from netfold.graph.edits import record_swaps
 from netfold.report import Report
 
@@ -88,6 +94,7 @@ class _Checker:
         self.already64 = _is_float64(model)
         with torch.no_grad():
             self.ref = flat_outputs(call_model(model, inputs))
+        require_finite(self.ref, "fuse")  # NaN == NaN would "verify" any rewrite
         self.twin: nn.Module | None = None
         self.ref64: list[torch.Tensor] | None = None
         if config.float64 and not self.already64:

@@ -24,6 +24,7 @@ __all__ = [
     "Equivalence",
     "compare_outputs",
     "flat_outputs",
+    "require_finite",
     "float64_outputs",
     "run_float64",
     "verify_equivalence",
@@ -70,6 +71,22 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     return [x.detach() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
+def require_finite(outputs: list[torch.Tensor], what: str) -> None:
+    """Raise ValueError when any output holds NaN / inf: such outputs cannot verify anything.
+
+    Args:
+        outputs: flat outputs (see :func:`flat_outputs`).
+        what: what produced them, for the message.
+    """
+    for i, t in enumerate(outputs):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(
+                f"{what}: output {i} has {bad} non-finite value(s) (NaN/inf) of {t.numel()}; "
+                "equivalence cannot be verified (check the weights and example_inputs)"
+            )
+
+
 def _to64(inputs: Any) -> Any:
     def up(x: Any) -> Any:
         return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -114,7 +131,8 @@ class Equivalence:
     Attributes:
         max_abs_err: max over outputs of ``max|out - ref|``.
         max_rel_err: max over outputs of ``max|out - ref| / max|ref|``.
-        ok: every output within ``atol + rtol * max|ref|`` (and the output structure matches).
+        ok: every output finite and within ``atol + rtol * max|ref|`` (and the output
+            structure matches); NaN / inf in either model's outputs is never ok.
         reason: why not ok ("" when ok).
     """
 
@@ -151,8 +169,16 @@ def compare_outputs(
             )
         r64, o64 = r.double(), o.double()
         finite = torch.isfinite(r64)
-        if not torch.equal(finite, torch.isfinite(o64)):
-            return Equivalence(float("inf"), float("inf"), False, f"output {i}: non-finite values")
+        # NaN/inf cannot be verified: matching NaNs would otherwise compare as "0.0 error"
+        for who, t in (("reference", r64), ("candidate", o64)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return Equivalence(
+                    float("inf"),
+                    float("inf"),
+                    False,
+                    f"output {i}: {bad} non-finite value(s) (NaN/inf) in the {who} outputs",
+                )
         diff = (o64 - r64)[finite].abs()
         err = float(diff.max()) if diff.numel() else 0.0
         scale = float(r64[finite].abs().max()) if finite.any() else 0.0

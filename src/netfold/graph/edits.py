@@ -196,15 +196,84 @@ def record_swaps(root: nn.Module, before: dict[str, nn.Module]) -> int:
     return len(plan)
 
 
+def _name_ok(name: Any) -> bool:
+    """A dotted module path of plain identifiers (no dunder / private segments)."""
+    return (
+        isinstance(name, str)
+        and all(part.isidentifier() or part.isdigit() for part in name.split("."))
+        and not any(part.startswith("_") for part in name.split("."))
+    )
+
+
+def _check_edit(root: nn.Module, e: Any) -> None:
+    """Reject an edit read from a file unless it fits the fixed table of ops and module types.
+
+    Edits are data: module names must exist, a replacement is one of :func:`build_module`'s
+    types with integer sizes, ``setattr`` sets existing int attributes to ints, ``patch`` fills
+    empty parameter slots with shapes of non-negative ints and overwrites existing plain
+    attributes with plain values. No class or callable is ever looked up by a name in a file.
+    """
+    if not isinstance(e, dict) or e.get("op") not in ("replace", "setattr", "patch"):
+        raise ValueError(f"unknown structural edit {e!r}")
+    name = e.get("module")
+    if not _name_ok(name) or not name:
+        raise ValueError(f"structural edit names an invalid module {name!r}")
+    try:
+        m = get_module(root, name)
+    except (AttributeError, KeyError):
+        raise ValueError(f"structural edit names an unknown module {name!r}") from None
+    if e["op"] == "replace":
+        spec = e.get("spec")
+        sizes = ("num_parameters", "in_features", "out_features")
+        if not isinstance(spec, dict) or spec.get("type") not in ("Identity", "PReLU", "Linear"):
+            raise ValueError(f"unknown module spec {spec!r}")
+        if any(k in spec and (type(spec[k]) is not int or spec[k] < 0) for k in sizes):
+            raise ValueError(f"module spec {spec!r}: sizes must be non-negative ints")
+        return
+    if e["op"] == "setattr":
+        attrs = e.get("attrs")
+        if not isinstance(attrs, dict) or not all(
+            isinstance(a, str)
+            and not a.startswith("_")
+            and type(v) is int
+            and type(vars(m).get(a)) is int
+            for a, v in attrs.items()
+        ):
+            raise ValueError(
+                f"setattr edit on {name!r} must set existing int attributes: {attrs!r}"
+            )
+        return
+    params, attrs = e.get("params"), e.get("attrs")
+    if not isinstance(params, dict) or not isinstance(attrs, dict):
+        raise ValueError(f"patch edit on {name!r} needs params and attrs objects")
+    for p, shape in params.items():
+        if not (
+            isinstance(p, str)
+            and p in m._parameters
+            and m._parameters[p] is None
+            and isinstance(shape, list)
+            and all(type(n) is int and n >= 0 for n in shape)
+        ):
+            raise ValueError(f"patch edit on {name!r}: bad parameter slot {p!r} {shape!r}")
+    for a, v in attrs.items():
+        ok_name = isinstance(a, str) and (not a.startswith("_") or a in _PRIVATE_ATTRS)
+        if not (ok_name and a in vars(m) and _plain(vars(m)[a]) and _plain(v)):
+            raise ValueError(f"patch edit on {name!r}: attribute {a!r} cannot be set")
+
+
 def apply_edits(root: nn.Module, edits: list[dict[str, Any]]) -> None:
-    """Replay recorded edits on a freshly built model (weights are loaded afterwards)."""
+    """Replay recorded edits on a freshly built model (weights are loaded afterwards).
+
+    Every edit is checked by :func:`_check_edit` before it is applied (they come from a file).
+    """
+    if not isinstance(edits, list):
+        raise ValueError(f"structural edits must be a list, got {type(edits).__name__}")
     for e in edits:
-        op = e.get("op")
+        _check_edit(root, e)
+        op = e["op"]
         if op == "replace":
             replace_module(root, e["module"], build_module(e["spec"]))
         elif op == "setattr":
             set_attributes(root, e["module"], e["attrs"])
-        elif op == "patch":
-            patch_module(root, e["module"], e["params"], e["attrs"])
         else:
-            raise ValueError(f"unknown structural edit {e!r}")
+            patch_module(root, e["module"], e["params"], e["attrs"])

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
+from netfold.atomic import write_bytes
 from netfold.data.fashion_mnist import augment_batch, load_fashion_mnist
 from netfold.eval.accuracy import evaluate_accuracy
 from netfold.models import build_model
@@ -156,18 +156,7 @@ def checkpoint_stem(settings: dict[str, Any]) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, data)  # netfold.atomic: temp file, fsync, rename, fsync the folder
 
 
 @contextlib.contextmanager
