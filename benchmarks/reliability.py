@@ -371,7 +371,7 @@ def _block_size(model: nn.Module, g) -> int:
 
 
 def plant_duplicates(model: nn.Module, groups: list) -> dict[str, tuple[int, int]]:
-    """In every foldable group, make the second half of each block a copy of the first half.
+    """In every foldable group, make each odd channel of a block a copy of the one before it.
 
     Producer rows and per-channel parameters (channel_ops) are copied so the activations are
     duplicates; consumer columns are copied too so the clustering features of a duplicate pair
@@ -388,8 +388,9 @@ def plant_duplicates(model: nn.Module, groups: list) -> dict[str, tuple[int, int
             b = _block_size(model, g)
             if b < 2:
                 continue
-            half = b // 2
-            src = torch.tensor([(i // b) * b + (i % b) % half for i in range(g.size)])
+            # adjacent pairs (0, 1), (2, 3), ...: a merged channel's index differs from its
+            # members', so an op that reads channel indices (argmax, max(dim=1), topk) notices
+            src = torch.tensor([i - (i % b) % 2 for i in range(g.size)])
             ok = True
             for name in list(g.producers) + list(g.channel_ops):
                 m = _get(model, name)
@@ -429,7 +430,7 @@ def plant_duplicates(model: nn.Module, groups: list) -> dict[str, tuple[int, int
                         rows = slice(gi * out_per, (gi + 1) * out_per)
                         w[rows, ci % in_per] = w[rows, cj % in_per]
             if ok:
-                d = (g.size // b) * half
+                d = (g.size // b) * ((b + 1) // 2)
                 planted[g.name] = (g.size, d)
     return planted
 
