@@ -114,6 +114,15 @@ def test_fold_out_in_unwritable_folder_is_refused(saved_cnn, tmp_path, capsys, m
         ro.chmod(0o700)
 
 
+def test_fold_out_that_cannot_be_written_is_refused_even_for_root(saved_cnn, capsys, monkeypatch):
+    # /proc takes no new files for anyone, root included (os.access would say yes to root).
+    out = "/proc/netfold-cannot-write/out"
+    _forbid_work(monkeypatch)
+    assert cli.main(["fold", str(saved_cnn), "--out", out]) == 2
+    line = _err(capsys)
+    assert line.startswith("netfold: error: --out ") and "not writable" in line
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

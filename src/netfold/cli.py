@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -73,16 +74,30 @@ def check_output(path: str | None, option: str, *, directory: bool = True) -> No
             raise ValueError(f"{option} {path} is an existing file, not a directory")
         if not directory and p.is_dir():
             raise ValueError(f"{option} {path} is an existing directory, not a file")
-        if not os.access(p if directory else p.parent, os.W_OK):
-            raise ValueError(f"{option} {path} is not writable")
+        # Saves are written to a temporary sibling and renamed into place: the parent must
+        # take new entries.
+        _probe_writable(p.parent, option, path)
         return
     anc = p.parent
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
         raise ValueError(f"{option} {path} cannot be created: {anc} is a file, not a directory")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path} cannot be created: {anc} is not writable")
+    _probe_writable(anc, option, path)
+
+
+def _probe_writable(folder: Path, option: str, path: str) -> None:
+    """Create and remove one empty file in ``folder``; ValueError naming ``option`` if refused.
+
+    ``os.access`` answers yes to root everywhere (even under /proc or on a read-only mount), so
+    only a real write tells.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".netfold-probe-")
+    except OSError as e:
+        raise ValueError(f"{option} {path} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def json_option(text: str, option: str) -> dict:
