@@ -176,10 +176,15 @@ def test_argparse_usage_errors_and_help_exit_codes(saved_cnn, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------- model inputs
-@pytest.mark.parametrize("case", ["missing-file", "plain-folder", "unknown-arch", "bad-weights"])
+@pytest.mark.parametrize(
+    "case", ["missing-file", "missing-path", "plain-folder", "unknown-arch", "bad-weights"]
+)
 def test_models_that_cannot_load_exit_2(case, tmp_path, capsys) -> None:
     if case == "missing-file":
         spec, extra, message = str(tmp_path / "nope.safetensors"), [], "does not exist"
+    elif case == "missing-path":
+        spec, extra = str(tmp_path / "gone" / "model"), []
+        message = f"model path {spec} does not exist"
     elif case == "plain-folder":
         (tmp_path / "empty").mkdir()
         spec, extra, message = str(tmp_path / "empty"), [], "folder without netfold.json"

@@ -163,6 +163,8 @@ def load_any(
 
         model, info = load_checkpoint(p)
         return io.set_arch(model, f"netfold:{info['arch']}", info["model_kwargs"])
+    if ":" not in spec and ("/" in spec or spec.startswith((".", "~"))):
+        raise FileNotFoundError(f"model path {spec} does not exist")
     arch = spec if ":" in spec else f"torchvision:{spec}"
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(f"--weights {weights} does not exist")
