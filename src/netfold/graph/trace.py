@@ -90,7 +90,18 @@ _SPATIAL_FUNCTIONS = {
     F.adaptive_max_pool2d,
     F.interpolate,
 }
-_UNARY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach"}
+_UNARY_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "detach",
+    "to",
+    "float",
+    "double",
+}
 _BINARY = {
     operator.add,
     operator.iadd,
@@ -543,33 +554,9 @@ def _analyse(gm: fx.GraphModule) -> list[ChannelGroup]:
             vals[node] = _cat(sp, node, vals, shape) or fresh_frozen(node, "torch.cat")
             continue
         if tgt in _BINARY or (method and tgt in _BINARY_METHODS):
-            tensor_args = [a for a in args if _shape(a) is not None]
-            tracked = [val(a) for a in tensor_args]
-            if any(v is None for v in tracked):
-                unknown(node, f"{label} mixes a tracked tensor with an untracked one")
-                continue
-            if len(tracked) == 1:
-                vals[node] = tracked[0]
-                continue
-            if len(tracked) != 2:
-                unknown(node, f"{label} with {len(tracked)} tensor operands")
-                continue
-            a, b = tracked
-            sa, sb = _shape(tensor_args[0]), _shape(tensor_args[1])
-            sizes_a = [sp.size[sp.find(x)] for x in a.spaces]
-            sizes_b = [sp.size[sp.find(x)] for x in b.spaces]
-            if (
-                a.axis != b.axis
-                or a.repeat != b.repeat
-                or len(sa) != len(sb)
-                or sa[a.axis] != sb[b.axis]
-                or sizes_a != sizes_b
-                or sa[a.axis] != sum(sizes_a) * a.repeat
-            ):
+            vals[node] = _binary(sp, node, [(_shape(a), val(a)) for a in args], shape, label)
+            if vals[node] is None and any(val(a) is not None for a in args):
                 unknown(node, f"{label} combines tensors on different channel layouts")
-                continue
-            roots = tuple(sp.union(x, y, label) for x, y in zip(a.spaces, b.spaces))
-            vals[node] = _Val(roots[0], a.axis, a.repeat, roots if a.compound else ())
             continue
         if (method and tgt in ("mean", "sum")) or tgt in (torch.mean, torch.sum):
             out = _reduce(node, first, in_shape, shape)
@@ -631,6 +618,43 @@ def _shape_query(node: fx.Node) -> bool:
             src = node.args[0]
             return isinstance(src, fx.Node) and _shape(src) is None and not _is_multi(src)
     return False
+
+
+def _binary(sp: _Spaces, node: fx.Node, ops: list, out_shape, label: str) -> _Val | None:
+    """Elementwise add/mul/sub/div: operands that span the channel axis share one space.
+
+    ``ops`` are (shape, val) of the node's tensor operands (shape None: a Python number).
+    An operand broadcast along the channel axis (size 1 there, or fewer dims) reads no
+    channel and is ignored; every full-width operand must be tracked on the same layout,
+    and their spaces are united (one clustering for a residual stream). Returns None when
+    no operand is tracked (constants) or the layouts differ (the caller freezes).
+    """
+    ops = [(s, v) for s, v in ops if s is not None]
+    nd = len(out_shape)
+    axes = {v.axis + nd - len(s) for s, v in ops if v is not None}
+    if len(axes) != 1:
+        return None
+    ax = axes.pop()
+    full: list[_Val | None] = []
+    for s, v in ops:
+        pos = ax - (nd - len(s))
+        if (s[pos] if pos >= 0 else 1) == 1 and out_shape[ax] != 1:
+            continue  # broadcast along the channels
+        full.append(v)
+    if not full or any(v is None for v in full):
+        return None
+    first = full[0]
+    sizes = [sp.size[sp.find(x)] for x in first.spaces]
+    for v in full[1:]:
+        if v.repeat != first.repeat or [sp.size[sp.find(x)] for x in v.spaces] != sizes:
+            return None
+    if sum(sizes) * first.repeat != out_shape[ax]:
+        return None
+    roots = list(first.spaces)
+    for v in full[1:]:
+        roots = [sp.union(x, y, label) for x, y in zip(roots, v.spaces)]
+    roots = [sp.find(r) for r in roots]
+    return _Val(roots[0], ax, first.repeat, tuple(roots) if first.compound else ())
 
 
 def _index(v: _Val | None, idx, in_shape, out_shape) -> _Val | None:
