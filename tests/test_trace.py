@@ -282,6 +282,24 @@ def test_grouped_conv_cross_group_duplicates_do_not_fold_exactly():
     err, rep, _ = fold_planted(_randomise_bn(GroupedNet()).to(F64), x, cross=True)
     assert err > 1e-4
     assert rep.groups and all(g.width_after % 4 == 0 for g in rep.groups if g.name != "d")
+    # the cross-group copies tempt k-means, but every cluster stays inside one conv group,
+    # each conv group keeping the same number of clusters
+    for g in rep.groups:
+        if g.name in ("a", "b"):
+            lab = torch.tensor(g.labels)
+            bs, kb = g.width_before // 4, g.width_after // 4
+            for j in range(4):
+                assert set(lab[j * bs : (j + 1) * bs].tolist()) == set(range(j * kb, (j + 1) * kb))
+
+
+def test_labels_crossing_conv_groups_are_refused():
+    from netfold.fold.merge import check_aligned
+
+    check_aligned(torch.tensor([0, 0, 1, 1, 2, 3, 3, 2]), 4, 2)
+    with pytest.raises(ValueError, match="conv groups"):
+        check_aligned(torch.tensor([0, 0, 1, 2, 2, 3, 3, 1]), 4, 2)
+    with pytest.raises(ValueError, match="conv groups"):
+        check_aligned(torch.tensor([0, 1, 2, 2, 3, 3, 3, 3]), 4, 2)  # 3 vs 1 per conv group
 
 
 def test_grouped_conv_width_rounds_to_conv_groups():
