@@ -1,12 +1,16 @@
 """Discover channel groups of a CNN / MLP by tracing it with torch.fx.
 
 Every tensor in the traced graph carries a *channel space* (which channels it is indexed by) and
-the axis they lie on. Layers that create channels (Conv with groups=1, Linear) open a new space;
-channel-wise ops (activations, pooling, BatchNorm, depthwise conv, dropout) pass it through;
-residual additions / products unite the spaces of their operands (one clustering for the whole
-stream); ``flatten`` keeps the space but widens each channel to H*W contiguous columns. Anything
-the tracer does not understand freezes the spaces it touches, with the op's name as the reason,
-so an unknown op can leave a group unfolded but can never cause a wrong shape.
+the axis they lie on. Layers that create channels (Conv, Linear) open a new space; channel-wise
+ops (activations, pooling, BatchNorm, depthwise conv, dropout) pass it through; residual
+additions / products unite the spaces of their operands (one clustering for the whole stream);
+``flatten`` keeps the space but widens each channel to H*W contiguous columns; ``torch.cat``
+along channels gives a concatenation of spaces (each folds on its own, consumers read it at an
+offset); a grouped conv confines its input and output spaces' clusters to its conv groups.
+Every other op (LSTM, attention, split/chunk, topk/max/sort/argmax over channels, permute,
+norms, functional layers, indexing along channels ...) freezes every space that reaches it and
+gives its output a fresh frozen space, with the op's name as the reason: an unknown op can
+leave groups unfolded but never causes a wrong shape or a silent wrong fold.
 
 Run: ``python -c "import torchvision, netfold.graph.trace as t; print(t.find_groups(torchvision.models.resnet18()))"``
 """
