@@ -19,7 +19,7 @@ from .config import PRUNE_METHODS, FoldConfig
 from .eval.cost import count_flops, count_params
 from .fold.allocate import ALLOCATION_SPREAD, GRID, cost_curve, threshold_allocation
 from .fold.deep_inversion import synthesize
-from .fold.merge import TensorState, merge_group, merge_matrices
+from .fold.merge import ColumnShifts, TensorState, merge_group, merge_matrices
 from .fold.methods import GroupPlan, plan_group
 from .fold.repair import collect_inputs, producer_stats, repair_with_batch
 from .graph.groups import ChannelGroup
@@ -258,7 +258,9 @@ def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str,
         for c in g.consumers:
             s = shape(c.module, "weight")
             if s is not None:
-                s[1] = k * c.repeat
+                # a consumer may read several groups side by side (torch.cat) or, as a grouped
+                # conv, 1/groups of them per output: shrink only this group's columns
+                s[1] -= (g.size - k) * c.repeat // c.groups
     total = 0
     seen: set[int] = set()
     by_id: dict[int, tuple[str, str]] = {}
@@ -290,7 +292,9 @@ def plan_widths(
     group's folding-cost curve.
     """
     if config.allocation == "cost":
-        return _cost_widths(model, groups, config, mode, progress)
+        by_name = {g.name: g for g in groups}
+        widths = _cost_widths(model, groups, config, mode, progress)
+        return {n: _aligned(by_name[n], k) for n, k in widths.items()}
     if config.target_sparsity is None:
         return _widths_at(groups, config, config.ratio)
     return _widths_at(groups, config, _uniform_ratio(model, groups, config, config.target_sparsity))
@@ -303,8 +307,15 @@ def _widths_at(groups: list[ChannelGroup], config: FoldConfig, r: float) -> dict
         if g.foldable:
             rr = group_ratio(g, config, default=r)
             if rr is not None:
-                out[g.name] = width_for(g.size, rr, config, g.head_size)
+                out[g.name] = _aligned(g, width_for(g.size, rr, config, g.head_size))
     return out
+
+
+def _aligned(g: ChannelGroup, k: int) -> int:
+    """``k`` rounded to the nearest multiple of the group's conv groups (at least one each)."""
+    if g.align == 1:
+        return k
+    return min(g.size, max(g.align, int(round(k / g.align)) * g.align))
 
 
 def _uniform_ratio(
@@ -488,9 +499,10 @@ def fold(
     plans: dict[str, GroupPlan] = {}
     for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
         plans[g.name] = plan_group(model, g, widths[g.name], config, mode)
+    shifts: ColumnShifts = {}  # consumers of torch.cat read several groups side by side
     for g in todo:
         pl = plans[g.name]
-        merge_group(state, model, g, pl.labels, pl.k, mode, pl.rule)
+        merge_group(state, model, g, pl.labels, pl.k, mode, pl.rule, shifts=shifts)
 
     # Everything that needs the ORIGINAL model happens before the write.
     batch = None
@@ -523,28 +535,29 @@ def fold(
         | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     )
     snap = Snapshot(model, touched)
+    # Everything from the first write on runs under the snapshot: a failure in the write, the
+    # repair, the checks or the report puts every touched tensor and attribute back.
     try:
         apply_tensors(model, state)
         if batch is not None:
             repair_with_batch(model, batch, targets, reset_bn=True)
         check_finite(model)
+        report = Report(
+            operation="prune" if config.method in PRUNE_METHODS else "fold",
+            params_before=params_before,
+            params_after=count_params(model),
+            flops_before=flops_before,
+            flops_after=count_flops(model, one) if todo else flops_before,
+            config=config.to_dict(),
+        )
+        report.add_groups(
+            groups,
+            widths,
+            {n: p.cost for n, p in plans.items()},
+            {n: p.labels for n, p in plans.items()},
+        )
     except BaseException:
         snap.restore()
         raise
-
-    report = Report(
-        operation="prune" if config.method in PRUNE_METHODS else "fold",
-        params_before=params_before,
-        params_after=count_params(model),
-        flops_before=flops_before,
-        flops_after=count_flops(model, one) if todo else flops_before,
-        config=config.to_dict(),
-    )
-    report.add_groups(
-        groups,
-        widths,
-        {n: p.cost for n, p in plans.items()},
-        {n: p.labels for n, p in plans.items()},
-    )
     report.seconds = time.perf_counter() - t0
     return report

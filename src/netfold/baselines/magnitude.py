@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..graph.groups import ChannelGroup
-from ..graph.surgery import get_module
+from ..graph.surgery import consumer_columns, get_module
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -37,8 +37,7 @@ def coupled_slices(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
             out.append(m.weight.detach().reshape(n, -1).double())
     for cons in group.consumers:
         w = get_module(model, cons.module).weight.detach()
-        o = w.shape[0]
-        out.append(w.reshape(o, n, cons.repeat, -1).permute(1, 0, 2, 3).reshape(n, -1).double())
+        out.append(consumer_columns(w, group, cons).double())
     return out
 
 

@@ -15,9 +15,36 @@ import torch
 import torch.nn as nn
 
 from ..graph.groups import ChannelGroup
-from ..graph.surgery import get_module
+from ..graph.surgery import consumer_columns, get_module
 
 TensorState = dict[str, dict[str, torch.Tensor]]
+# (consumer module) -> [(original channel offset, width before, width after)] of the column
+# segments already merged in the state: a later segment at a larger offset has moved left.
+ColumnShifts = dict[str, list[tuple[int, int, int]]]
+
+
+def check_aligned(labels: torch.Tensor, k: int, align: int) -> None:
+    """Raise ValueError unless ``labels`` (n,) keep clusters inside ``align`` equal blocks.
+
+    Each block must own exactly ``k / align`` consecutive cluster ids (block b: ids
+    ``b * k / align ...``), so a grouped conv keeps equal group sizes. Pruning labels (-1 for a
+    pruned channel) follow the same rule for the kept channels.
+    """
+    if align == 1:
+        return
+    n = labels.shape[0]
+    if n % align or k % align:
+        raise ValueError(f"{n} channels / width {k} do not split into {align} conv groups")
+    bs, kb = n // align, k // align
+    for b in range(align):
+        lb = labels[b * bs : (b + 1) * bs]
+        lb = lb[lb >= 0]
+        ids = torch.unique(lb)
+        if ids.numel() != kb or not torch.equal(ids, torch.arange(b * kb, (b + 1) * kb)):
+            raise ValueError(
+                f"labels must keep {kb} clusters inside each of the {align} conv groups "
+                f"(group {b} has ids {ids.tolist()})"
+            )
 
 
 def _get(state: TensorState, model: nn.Module, mname: str, tname: str) -> torch.Tensor | None:
@@ -73,10 +100,7 @@ def group_features(model: nn.Module, group: ChannelGroup, mode: str) -> torch.Te
             if getattr(m, "bias", None) is not None:
                 cols.append(m.bias.detach()[:, None])
     for cons in group.consumers:
-        w = get_module(model, cons.module).weight.detach()
-        out = w.shape[0]
-        w = w.reshape(out, n, cons.repeat, -1).permute(1, 0, 2, 3).reshape(n, -1)
-        cols.append(w)
+        cols.append(consumer_columns(get_module(model, cons.module).weight.detach(), group, cons))
     dtype = cols[0].dtype
     for c in cols[1:]:
         dtype = torch.promote_types(dtype, c.dtype)
@@ -165,8 +189,15 @@ def merge_group(
     k: int,
     mode: str,
     rule: str = "fold",
+    *,
+    shifts: ColumnShifts | None = None,
 ) -> None:
     """Fold ``group`` to ``k`` channels according to ``labels`` (n,), writing into ``state``.
+
+    ``shifts`` records which column segments of each consumer earlier merges into the same
+    ``state`` already shrank (consumers of ``torch.cat`` read several groups side by side);
+    pass one dict for all groups merged into one state. With ``group.align`` > 1 the labels
+    must keep clusters inside the conv groups (:func:`check_aligned`).
 
     ``rule`` picks the linear maps (:func:`merge_matrices`): "fold" (default), "ifm" or
     "prune" (``labels`` then marks kept channels, -1 for pruned).
@@ -177,6 +208,9 @@ def merge_group(
     re-estimate statistics afterwards.
     """
     dtype = torch.float64
+    check_aligned(labels, k, group.align)
+    if shifts is None:
+        shifts = {}
     P, A, C, U = merge_matrices(labels, k, rule, dtype)
     bn_paired = group.bn_of if mode == "ar" else {}
     paired_bns = set(bn_paired.values())
@@ -236,11 +270,31 @@ def merge_group(
             if getattr(m, "bias", None) is not None:
                 _put(state, c, "bias", (A @ m.bias.detach().to(dtype)).to(m.bias.dtype))
 
+    n = group.size
     for cons in group.consumers:
         m = get_module(model, cons.module)
         w = _get(state, model, cons.module, "weight")
         out = w.shape[0]
         rest = tuple(w.shape[2:])
-        w4 = w.to(dtype).reshape(out, group.size, cons.repeat, math.prod(rest) if rest else 1)
-        w_new = torch.einsum("onrs,nk->okrs", w4, C).reshape((out, k * cons.repeat) + rest)
-        _put(state, cons.module, "weight", w_new.to(m.weight.dtype))
+        s = math.prod(rest) if rest else 1
+        if cons.groups > 1:
+            # grouped conv: output block j reads input block j; C is block diagonal
+            g = cons.groups
+            bs, kb = n // g, k // g
+            blocks = torch.stack(
+                [C[j * bs : (j + 1) * bs, j * kb : (j + 1) * kb] for j in range(g)]
+            )
+            w5 = w.to(dtype).reshape(g, out // g, bs, s)
+            w_new = torch.einsum("gobs,gbk->goks", w5, blocks).reshape((out, kb) + rest)
+            _put(state, cons.module, "weight", w_new.to(m.weight.dtype))
+            continue
+        led = shifts.setdefault(cons.module, [])
+        cur = cons.offset - sum(n0 - k0 for o, n0, k0 in led if o < cons.offset)
+        r = cons.repeat
+        W = w.reshape(out, -1, s)
+        lo, hi = cur * r, (cur + n) * r
+        seg = W[:, lo:hi].to(dtype).reshape(out, n, r, s)
+        merged = torch.einsum("onrs,nk->okrs", seg, C).reshape(out, k * r, s).to(W.dtype)
+        w_new = torch.cat([W[:, :lo], merged, W[:, hi:]], dim=1)
+        _put(state, cons.module, "weight", w_new.reshape((out, -1) + rest).to(m.weight.dtype))
+        led.append((cons.offset, n, k))

@@ -45,21 +45,52 @@ def plan_group(
 
     ``mode`` selects the clustering features ("ar" or "naive", see
     :func:`netfold.fold.merge.group_features`).
+
+    A group whose channels are split by grouped convs (``group.align`` > 1) is planned block by
+    block: k-means (or pruning / IFM) inside each conv group with ``k / align`` channels each,
+    so the convs keep equal group sizes, as Torch-Pruning does for grouped convs.
+
+    Raises:
+        ValueError: ``k`` is not a positive multiple of ``group.align`` (or exceeds the size).
     """
+    if not group.valid_width(k):
+        raise ValueError(
+            f"group {group.name}: width {k} must be a multiple of its {group.align} conv "
+            f"groups in [1, {group.size}]"
+        )
+    if group.align == 1:
+        return _plan_block(model, group, k, config, mode, slice(None))
+    bs, kb = group.size // group.align, k // group.align
+    labels: list[torch.Tensor] = []
+    cost = 0.0
+    rule = "fold"
+    for b in range(group.align):
+        pl = _plan_block(model, group, kb, config, mode, slice(b * bs, (b + 1) * bs))
+        labels.append(torch.where(pl.labels >= 0, pl.labels + b * kb, pl.labels))
+        cost += pl.cost
+        rule = pl.rule
+    return GroupPlan(torch.cat(labels), k, rule, cost)
+
+
+def _plan_block(
+    model: nn.Module, group: ChannelGroup, k: int, config: FoldConfig, mode: str, rows: slice
+) -> GroupPlan:
+    """:func:`plan_group` on the channels ``rows`` of the group (all of them: ``slice(None)``)."""
     method = config.method
     if method in PRUNE_METHODS:
         p = 1 if method == "magnitude-l1" else 2
-        labels = top_k_labels(magnitude_scores(model, group, p), k, group.head_size)
-        X = group_features(model, group, "naive").to(torch.float64)
+        scores = magnitude_scores(model, group, p)[rows]
+        labels = top_k_labels(scores, k, group.head_size)
+        X = group_features(model, group, "naive").to(torch.float64)[rows]
         cost = float((X[labels < 0] ** 2).sum())
         return GroupPlan(labels, k, "prune", cost)
     if method in MERGE_BASELINES:
-        X = group_features(model, group, "naive")
+        X = group_features(model, group, "naive")[rows]
         labels = ifm_labels(X, k)
         return GroupPlan(labels, k, "ifm", folding_cost(X, labels, k))
     if method not in CLUSTER_METHODS:
         raise ValueError(f"unknown method {method!r}")
-    X = group_features(model, group, mode)
+    X = group_features(model, group, mode)[rows]
     c = cluster(
         X,
         k,

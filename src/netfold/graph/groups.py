@@ -16,10 +16,21 @@ class Consumer:
 
     ``repeat`` is the number of contiguous input columns per channel: 1 for a conv or a Linear
     on channels, H*W for a Linear after ``flatten`` of an (N, C, H, W) map.
+
+    ``offset`` is the index of the group's first channel among the module's input channels
+    (a consumer of ``torch.cat([a, b], 1)`` reads ``b``'s group at offset ``a.shape[1]``): the
+    group occupies weight columns ``[offset * repeat, (offset + size) * repeat)``.
+
+    ``groups`` is the consumer's conv ``groups`` (1 < groups < channels for a grouped conv):
+    its weight (out, in / groups, ...) holds, for the outputs of conv group j, only the columns
+    of input channels ``j * in / groups ...``; the group is then folded with clusters confined
+    to conv groups (``ChannelGroup.align``).
     """
 
     module: str
     repeat: int = 1
+    offset: int = 0
+    groups: int = 1
 
 
 @dataclass
@@ -38,6 +49,9 @@ class ChannelGroup:
         frozen_reasons: non-empty when the group must not be folded (and why).
         input_norm: a norm (e.g. RMSNorm) whose per-feature weight scales the producers' inputs;
             data-free features weight the producer columns by it.
+        align: the channels form ``align`` equal contiguous blocks (the conv groups of grouped
+            convs touching the space) and every cluster stays inside one block, each block
+            keeping the same number of channels; 1 for no constraint.
     """
 
     name: str
@@ -49,10 +63,15 @@ class ChannelGroup:
     head_size: int = 1
     frozen_reasons: list[str] = field(default_factory=list)
     input_norm: str | None = None
+    align: int = 1
 
     @property
     def foldable(self) -> bool:
         return not self.frozen_reasons and bool(self.producers)
+
+    def valid_width(self, k: int) -> bool:
+        """Whether the group can be folded to ``k`` channels (a positive multiple of ``align``)."""
+        return 1 <= k <= self.size and k % self.align == 0
 
     @property
     def modules(self) -> list[str]:

@@ -9,8 +9,12 @@ module so a failed operation can put the model back exactly as it was.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+
+from .groups import ChannelGroup, Consumer
 
 SHAPE_ATTRS = (
     "in_features",
@@ -78,6 +82,27 @@ def sync_attributes(module: nn.Module) -> None:
     elif isinstance(module, nn.GroupNorm):
         if module.weight is not None:
             module.num_channels = module.weight.shape[0]
+
+
+def consumer_columns(w: torch.Tensor, group: ChannelGroup, cons: Consumer) -> torch.Tensor:
+    """The consumer weight entries that read the group's channels, one row per channel: (n, d).
+
+    Args:
+        w: the consumer's original weight (out, in_columns, *kernel), or for a grouped conv
+            (out, n / groups, *kernel).
+        group: the group (n = ``group.size`` channels).
+        cons: how the consumer reads them (``repeat`` columns per channel from column
+            ``offset * repeat``; a grouped conv reads channel block j with its output block j).
+    """
+    n = group.size
+    out = w.shape[0]
+    rest = math.prod(w.shape[2:])
+    if cons.groups > 1:
+        g = cons.groups
+        return w.reshape(g, out // g, n // g, rest).permute(0, 2, 1, 3).reshape(n, -1)
+    lo = cons.offset * cons.repeat
+    cols = w.reshape(out, -1, rest)[:, lo : lo + n * cons.repeat]
+    return cols.reshape(out, n, cons.repeat, rest).permute(1, 0, 2, 3).reshape(n, -1)
 
 
 class Snapshot:
