@@ -310,13 +310,26 @@ def test_encoder_planted_duplicate_heads_fold_exactly_through_netfold_fold() -> 
 
 
 def test_unsupported_hf_model_names_its_type_and_the_supported_ones() -> None:
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
-    m = transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    m = transformers.GPTNeoXForCausalLM(cfg).eval()
     before = _snapshot(m)
-    with pytest.raises(ValueError, match="model_type='gpt2'") as e:
+    with pytest.raises(ValueError, match="model_type='gpt_neox'") as e:
         netfold.fold(m, FoldConfig())
     msg = _one_line_error(e)
-    assert "GPT2LMHeadModel" in msg and "'bert'" in msg and "'llama'" in msg and "'vit'" in msg
+    assert (
+        "GPTNeoXForCausalLM" in msg
+        and "'gemma3_text'" in msg
+        and "'bert'" in msg
+        and "'llama'" in msg
+        and "'vit'" in msg
+    )
     _assert_unchanged(m, before)
 
 

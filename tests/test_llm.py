@@ -20,8 +20,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -378,11 +376,20 @@ def test_bad_input_raises_and_leaves_model_unchanged():
     with pytest.raises(ValueError, match="NaN"):
         netfold.fold(model, FoldConfig())
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
-    state, cfg = _state(gpt2), gpt2.config.to_dict()
-    with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel"):
-        netfold.fold(gpt2, FoldConfig())
-    _unchanged(gpt2, state, cfg)
+    # GPT-NeoX has no family row (GPT-2 has one since the family table)
+    neox_cfg = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    neox = transformers.GPTNeoXForCausalLM(neox_cfg).eval()
+    state, cfg = _state(neox), neox.config.to_dict()
+    with pytest.raises(ValueError, match="unsupported architecture GPTNeoXForCausalLM"):
+        netfold.fold(neox, FoldConfig())
+    _unchanged(neox, state, cfg)
 
 
 def test_failure_during_write_rolls_back(monkeypatch):

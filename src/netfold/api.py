@@ -18,66 +18,16 @@ from tqdm.auto import tqdm
 from .config import PRUNE_METHODS, FoldConfig
 from .eval.cost import count_flops, count_params
 from .fold.allocate import ALLOCATION_SPREAD, GRID, cost_curve, threshold_allocation
+from .fold.checks import _owner_modules, check_finite, check_materialised, check_patterns
 from .fold.deep_inversion import synthesize
 from .fold.merge import ColumnShifts, TensorState, merge_group, merge_matrices
 from .fold.methods import GroupPlan, plan_group
+from .fold.plan import width_for
 from .fold.repair import collect_inputs, producer_stats, repair_with_batch
 from .graph.groups import ChannelGroup
 from .graph.surgery import Snapshot, apply_tensors, get_module
 from .graph.trace import find_groups, infer_example_inputs
 from .report import Report
-
-
-def check_materialised(model: nn.Module) -> None:
-    """Raise ValueError naming the first parameter or buffer on the meta device (no values)."""
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise ValueError(
-                f"model weights are not materialised: {name!r} is on the meta device; load "
-                "real weights first (e.g. model.to_empty(device='cpu') then load_state_dict)"
-            )
-
-
-def check_finite(model: nn.Module) -> None:
-    """Raise ValueError naming the first parameter or buffer holding NaN or inf (or on meta)."""
-    check_materialised(model)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {name!r} contains NaN or inf; refusing to fold")
-
-
-def check_patterns(
-    groups: Sequence[ChannelGroup], config: FoldConfig, modules_of=None, foldable_only=True
-) -> None:
-    """Raise ValueError when a ``ratios`` / ``skip`` pattern of ``config`` matches no group.
-
-    A pattern that matches nothing is almost always a typo or a name from another model; left
-    alone it would fold (or keep) everything silently. ``ratios`` patterns must match a group
-    that can fold; ``skip`` patterns any group.
-
-    Args:
-        groups: the model's channel groups (after tracing).
-        config: the FoldConfig.
-        modules_of: ``g -> module names`` the patterns are matched against besides ``g.name``
-            (default: the group's producers and channel ops, as :func:`group_ratio` does).
-        foldable_only: match ``ratios`` against foldable groups only.
-    """
-    if not config.ratios and not config.skip:
-        return
-    modules_of = modules_of or _owner_modules
-    every = [[g.name, *modules_of(g)] for g in groups]
-    can_fold = [[g.name, *modules_of(g)] for g in groups if g.foldable or not foldable_only]
-    bad = [fp for fp in config.patterns_without_match(can_fold) if fp[0] == "ratios"]
-    bad += [fp for fp in config.patterns_without_match(every) if fp[0] == "skip"]
-    if bad:
-        field, pattern = bad[0]
-        shown = [g.name for g in groups if g.foldable] or [g.name for g in groups]
-        more = f", ... ({len(shown)} in all)" if len(shown) > 6 else ""
-        raise ValueError(
-            f"{field} pattern {pattern!r} matches no "
-            f"{'foldable ' if field == 'ratios' and foldable_only else ''}group of this model; "
-            f"groups: {', '.join(shown[:6])}{more}"
-        )
 
 
 def _fold_decoder(model: nn.Module, config: FoldConfig, **kw) -> Report:
@@ -199,10 +149,6 @@ def check_data(
     return batch
 
 
-def _owner_modules(g: ChannelGroup) -> list[str]:
-    return g.producers + g.channel_ops
-
-
 def _matches(g: ChannelGroup, pattern: str) -> bool:
     return fnmatch(g.name, pattern) or any(fnmatch(m, pattern) for m in _owner_modules(g))
 
@@ -210,27 +156,6 @@ def _matches(g: ChannelGroup, pattern: str) -> bool:
 def group_ratio(g: ChannelGroup, config: FoldConfig, default: float | None = None) -> float | None:
     """The ratio that applies to group ``g`` (None when it is skipped)."""
     return config.ratio_for(g.name, _owner_modules(g), default)
-
-
-def width_for(n: int, ratio: float, config: FoldConfig, head_size: int = 1) -> int:
-    """k = round(n * (1 - ratio)), at least ``min_channels`` (and one head), at most n.
-
-    With ``config.round_to`` > 1 a channel group's k is rounded to the nearest multiple of it
-    (at least one multiple; a group narrower than ``round_to`` keeps its width); a ratio of 0
-    stays the identity.
-    """
-    if head_size > 1:
-        heads = n // head_size
-        kh = max(1, int(round(heads * (1.0 - ratio))))
-        return min(heads, kh) * head_size
-    k = max(min(n, config.min_channels), min(n, int(round(n * (1.0 - ratio)))))
-    q = config.round_to
-    if q > 1 and k < n:
-        k = max(q, int(round(k / q)) * q)
-        if k < config.min_channels:
-            k = -(-config.min_channels // q) * q
-        k = min(n, k)
-    return k
 
 
 def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str, int]) -> int:

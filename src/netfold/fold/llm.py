@@ -1,4 +1,4 @@
-"""Folding math for decoder LLMs: SwiGLU MLP channels and whole attention heads (GQA-aware).
+"""Folding math for decoder LLMs: MLP channels (gated or plain) and whole attention heads.
 
 Notation as in :mod:`netfold.fold.merge`: a cluster's producer rows (gate_proj / up_proj, or
 q/k/v rows of a head) become their mean, the consumer columns (down_proj, o_proj) their sum.
@@ -18,6 +18,8 @@ outputs (the product is not linear in the rows). Corrections:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -39,35 +41,82 @@ def _b(model: nn.Module, name: str) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
-def input_scale(model: nn.Module, norm: str | None, hidden: int) -> torch.Tensor:
-    """The RMSNorm weight in front of a group's producers, (hidden,) float64 (ones if none)."""
+def input_scale(
+    model: nn.Module, norm: str | None, hidden: int, offset: float = 0.0
+) -> torch.Tensor:
+    """The norm's per-feature scale in front of a group's producers, (hidden,) float64.
+
+    ``offset + weight`` (Gemma's RMSNorm multiplies by 1 + w); ones when there is no norm.
+    """
     if norm is None:
         return torch.ones(hidden, dtype=DT)
     w = getattr(get_module(model, norm), "weight", None)
-    return torch.ones(hidden, dtype=DT) if w is None else w.detach().to(DT)
+    return torch.ones(hidden, dtype=DT) if w is None else w.detach().to(DT) + offset
+
+
+def activation(model: nn.Module, g: ChannelGroup) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The group's activation: the model's own module (``g.activation``), SiLU if none named."""
+    return get_module(model, g.activation) if g.activation else F.silu
+
+
+def _scale(model: nn.Module, g: ChannelGroup | HeadGroup, hidden: int) -> torch.Tensor:
+    return input_scale(model, g.input_norm, hidden, g.norm_offset)
+
+
+def _rows(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor, ...]:
+    """Producer weights of an MLP group, float64: (gate, up) for a gated MLP, (fc1,) plain."""
+    return tuple(_w(model, p).to(DT) for p in g.producers)
+
+
+def _biases(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if (b := _b(model, p)) is None else b.to(DT) for p in g.producers)
+
+
+def mlp_hidden(
+    z: torch.Tensor,
+    rows: tuple[torch.Tensor, ...],
+    act: Callable[[torch.Tensor], torch.Tensor],
+    biases: tuple[torch.Tensor | None, ...] | None = None,
+) -> torch.Tensor:
+    """Channel outputs of an MLP on inputs z (S, h): (S, n).
+
+    Gated (``rows`` = (gate, up), (n, h) each): ``act(z gate^T + b_g) * (z up^T + b_u)``;
+    plain (``rows`` = (fc1,)): ``act(z fc1^T + b)``.
+    """
+    biases = biases or (None,) * len(rows)
+    pre = [z @ r.t() + (0 if b is None else b) for r, b in zip(rows, biases)]
+    return act(pre[0]) * pre[1] if len(pre) == 2 else act(pre[0])
 
 
 # ----------------------------------------------------------------------------------- MLP
 def mlp_features(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
-    """Channel features of a SwiGLU group: [gate rows * s | up rows * s | down cols], (I, 3h).
+    """Channel features of an MLP group: [producer rows * s | biases | down cols], (I, d).
 
-    ``s`` is the RMSNorm weight in front of the MLP: rows are compared as they act on the
-    normalised stream.
+    Gated: [gate * s | up * s | down], (I, 3h); plain: [fc1 * s | fc1 bias | down]. ``s`` is
+    the norm scale in front of the MLP: rows are compared as they act on the normalised stream.
     """
-    gate, up = (_w(model, p).to(DT) for p in g.producers)
-    s = input_scale(model, g.input_norm, gate.shape[1])
-    cols = [gate * s, up * s]
+    rows = _rows(model, g)
+    s = _scale(model, g, rows[0].shape[1])
+    cols = [r * s for r in rows]
+    cols += [b[:, None] for b in _biases(model, g) if b is not None]
     for c in g.consumers:
         cols.append(_w(model, c.module).to(DT).t())
     return torch.cat(cols, 1)
 
 
-def mlp_activation_features(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def mlp_activation_features(
+    x: torch.Tensor,
+    rows: tuple[torch.Tensor, ...],
+    act: Callable[[torch.Tensor], torch.Tensor],
+    biases: tuple[torch.Tensor | None, ...] | None = None,
+) -> torch.Tensor:
     """Channel features from token activations: each channel's output ``h_i(x)``, (I, S).
 
     Args:
         x: (S, h) normalised MLP inputs (token rows).
-        gate / up: (I, h) producer rows.
+        rows: (I, h) producer rows: (gate, up) or (fc1,).
+        act: the MLP's activation.
+        biases: the producers' biases (I,) or None.
 
     Channels whose outputs agree on these tokens merge with little error whatever their
     down_proj columns (the merged column is their sum; identical outputs merge exactly).
@@ -75,19 +124,24 @@ def mlp_activation_features(x: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
     sees. On SmolLM2-135M, scaling the rows by ||down_i|| or its square root measured no better
     (benchmarks/results/llm_features.json).
     """
-    return swiglu(x.to(DT), gate.to(DT), up.to(DT)).t().contiguous()
+    rows = tuple(r.to(DT) for r in rows)
+    biases = None if biases is None else tuple(None if b is None else b.to(DT) for b in biases)
+    return mlp_hidden(x.to(DT), rows, act, biases).t().contiguous()
 
 
 def channel_gain(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
-    """Weight-only gain of each SwiGLU channel: ||d_i|| ||u_i * s|| ||g_i * s||, (I,).
+    """Weight-only gain of each MLP channel: ||d_i|| times ||r_i * s|| of every producer, (I,).
 
     A few channels ("super weights") have gains tens of times the median; they create the
     massive activations that attention sinks rely on, and merging them breaks the model.
     """
-    gate, up = (_w(model, p).to(DT) for p in g.producers)
+    rows = _rows(model, g)
     down = _w(model, g.consumers[0].module).to(DT)
-    s = input_scale(model, g.input_norm, gate.shape[1])
-    return down.norm(dim=0) * (up * s).norm(dim=1) * (gate * s).norm(dim=1)
+    s = _scale(model, g, rows[0].shape[1])
+    gain = down.norm(dim=0)
+    for r in rows:
+        gain = gain * (r * s).norm(dim=1)
+    return gain
 
 
 def protected_channels(gain: torch.Tensor, factor: float) -> torch.Tensor:
@@ -95,79 +149,6 @@ def protected_channels(gain: torch.Tensor, factor: float) -> torch.Tensor:
     if factor <= 0:
         return torch.zeros(0, dtype=torch.long)
     return (gain > factor * gain.median()).nonzero().flatten()
-
-
-def mlp_features_outer(
-    model: nn.Module, g: ChannelGroup, gate_weight: float = 1.0, dim: int = 1024, seed: int = 0
-) -> torch.Tensor:
-    """Symmetry-invariant channel features: [gate row * s | sketch of down_i (up_i * s)^T].
-
-    A SwiGLU channel's up/down pair only acts through the rank-1 map d_i u_i^T, which is
-    invariant to u -> c u, d -> d / c (including sign flips) while the concatenated rows are
-    not. The map is sketched with random features (D A) * (U B) / sqrt(dim), whose inner
-    products equal (d_i . d_j)(u_i . u_j) in expectation. Both blocks are normalised to unit
-    mean squared row norm; ``gate_weight`` scales the gate block. Returns (I, h + dim).
-    """
-    gate, up = (_w(model, p).to(DT) for p in g.producers)
-    down = _w(model, g.consumers[0].module).to(DT).t()  # (I, h_out)
-    s = input_scale(model, g.input_norm, gate.shape[1])
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.randn(down.shape[1], dim, generator=gen, dtype=DT)
-    B = torch.randn(up.shape[1], dim, generator=gen, dtype=DT)
-    outer = (down @ A) * ((up * s) @ B) / dim**0.5
-    gs = gate * s
-    gs = gs / (gs * gs).sum(1).mean().sqrt().clamp_min(1e-30)
-    outer = outer / (outer * outer).sum(1).mean().sqrt().clamp_min(1e-30)
-    return torch.cat([gate_weight * gs, outer], 1)
-
-
-def rank1_merge(
-    down: torch.Tensor, up_s: torch.Tensor, labels: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-1 map per cluster: d_c u_c^T ~ sum_{i in c} d_i u_i^T (Frobenius).
-
-    Args:
-        down: (h_out, I) consumer columns (already weighted per member if wanted).
-        up_s: (I, h) up rows in the input-scaled space.
-        labels: (I,) clusters.
-
-    Returns:
-        (down_new (h_out, k), up_new (k, h)); ||up_new_c|| is the members' mean row norm.
-    """
-    h_out, h = down.shape[0], up_s.shape[1]
-    d_new = torch.zeros(h_out, k, dtype=DT)
-    u_new = torch.zeros(k, h, dtype=DT)
-    counts = torch.bincount(labels, minlength=k)
-    order = torch.argsort(labels, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    for n in torch.unique(counts).tolist():
-        cl = (counts == n).nonzero().flatten()  # clusters of size n
-        idx = order[starts[cl][:, None] + torch.arange(n)[None, :]]  # (B, n) members
-        Dm = down[:, idx].permute(1, 0, 2)  # (B, h_out, n)
-        Um = up_s[idx]  # (B, n, h)
-        if n == 1:
-            d_new[:, cl] = Dm[:, :, 0].t()
-            u_new[cl] = Um[:, 0]
-            continue
-        Qd, Rd = torch.linalg.qr(Dm)  # (B, h_out, n), (B, n, n)
-        Qu, Ru = torch.linalg.qr(Um.transpose(1, 2))  # (B, h, n), (B, n, n)
-        a, sig, bh = torch.linalg.svd(Rd @ Ru.transpose(1, 2))
-        left = Qd @ a[:, :, 0:1]  # (B, h_out, 1)
-        right = Qu @ bh[:, 0:1, :].transpose(1, 2)  # (B, h, 1)
-        mean_norm = Um.norm(dim=2).mean(1)  # (B,)
-        # keep the sign that agrees with the members' mean up row
-        sign = torch.sign((right[:, :, 0] * Um.mean(1)).sum(1))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        u_new[cl] = right[:, :, 0] * (mean_norm * sign)[:, None]
-        d_new[:, cl] = (
-            left[:, :, 0] * (sig[:, 0] / mean_norm.clamp_min(1e-30) * sign)[:, None]
-        ).t()
-    return d_new, u_new
-
-
-def swiglu(z: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """h = silu(z gate^T) * (z up^T): z (S, h), gate/up (n, h) -> (S, n)."""
-    return F.silu(z @ gate.t()) * (z @ up.t())
 
 
 def gaussian_inputs(hidden: int, n: int, seed: int) -> torch.Tensor:
@@ -186,37 +167,41 @@ def merge_mlp(
     inputs: torch.Tensor | None = None,
     ridge: float = 1e-3,
 ) -> None:
-    """Fold a SwiGLU group to ``k`` channels: gate/up rows mean, down_proj columns (weighted) sum.
+    """Fold an MLP group to ``k`` channels: producer rows (and biases) mean, down columns
+    (weighted) sum. Gated (gate/up) and plain (fc1) MLPs alike.
 
     Args:
         labels: (I,) cluster of each intermediate channel.
         correction: "none", "scale", "lsq" (needs ``inputs``: Gaussian samples, (S, hidden),
-            already multiplied by the RMSNorm weight) or "data" (``inputs``: real normalised
+            already multiplied by the norm scale) or "data" (``inputs``: real normalised
             MLP inputs (S, hidden); refits down_proj by ridge least squares).
     """
-    gate_n, up_n = g.producers
     down_n = g.consumers[0].module
     U, A = cluster_matrices(labels, k, DT)
-    gate, up = _w(model, gate_n).to(DT), _w(model, up_n).to(DT)
+    rows = _rows(model, g)
+    biases = _biases(model, g)
     down = _get(state, model, down_n, "weight").to(DT)  # (h, I)
-    g_new, u_new = A @ gate, A @ up
+    new = [A @ r for r in rows]
+    new_b = tuple(None if b is None else A @ b for b in biases)
     N = U.sum(0)
     if correction == "scale":
-        for name, rows, new in (("gate", gate, g_new), ("up", up, u_new)):
-            f = torch.sqrt((A @ (rows * rows).sum(1)) / (new * new).sum(1).clamp_min(1e-30))
+        for i, r in enumerate(rows):
+            f = torch.sqrt((A @ (r * r).sum(1)) / (new[i] * new[i]).sum(1).clamp_min(1e-30))
             f = torch.minimum(f.clamp_min(1.0), N.sqrt())
-            if name == "gate":
-                g_new = new * f[:, None]
-            else:
-                u_new = new * f[:, None]
+            new[i] = new[i] * f[:, None]
     if correction in ("lsq", "data"):
         if inputs is None:
             raise ValueError(f"correction {correction!r} needs inputs")
+        act = activation(model, g)
         # the per-member weights need no float64 (and cost most of a fold in it)
         wt = torch.float32 if correction == "lsq" else DT
+
+        def cast(ts):
+            return tuple(None if t is None else t.to(wt) for t in ts)
+
         z = inputs.to(wt)
-        h_m = swiglu(z, g_new.to(wt), u_new.to(wt)).to(DT)  # (S, k)
-        h_o = swiglu(z, gate.to(wt), up.to(wt)).to(DT)  # (S, I)
+        h_m = mlp_hidden(z, cast(new), act, cast(new_b)).to(DT)  # (S, k)
+        h_o = mlp_hidden(z, cast(rows), act, cast(biases)).to(DT)  # (S, I)
         if correction == "lsq":
             num = (h_o * h_m[:, labels]).sum(0)  # (I,)
             den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
@@ -229,14 +214,12 @@ def merge_mlp(
             d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), (down @ c_om).t()).t()
     else:
         d_new = down @ U
-    dt = _w(model, gate_n).dtype
-    _put(state, gate_n, "weight", g_new.to(dt))
-    _put(state, up_n, "weight", u_new.to(dt))
-    _put(state, down_n, "weight", d_new.to(dt))
-    for p in (gate_n, up_n):
-        b = _b(model, p)
+    dt = _w(model, g.producers[0]).dtype
+    for p, w, b in zip(g.producers, new, new_b):
+        _put(state, p, "weight", w.to(dt))
         if b is not None:
-            _put(state, p, "bias", (A @ b.to(DT)).to(b.dtype))
+            _put(state, p, "bias", b.to(_b(model, p).dtype))
+    _put(state, down_n, "weight", d_new.to(dt))
 
 
 def prune_mlp(state: TensorState, model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
@@ -263,7 +246,7 @@ def head_features(model: nn.Module, hg: HeadGroup) -> list[torch.Tensor]:
     "kv" units: one block, rows [k rows | v rows | q rows of its query heads | o columns].
     """
     nh, nkv, hd, gs = hg.num_heads, hg.num_kv_heads, hg.head_dim, hg.group_size
-    s = input_scale(model, hg.input_norm, _w(model, hg.q).shape[1])
+    s = _scale(model, hg, _w(model, hg.q).shape[1])
     q = _heads(_w(model, hg.q).to(DT) * s, nh, hd)  # (nh, hd, h)
     o = _w(model, hg.o).to(DT).reshape(-1, nh, hd).permute(1, 2, 0)  # (nh, hd, h)
     qo = torch.cat([q.reshape(nh, -1), o.reshape(nh, -1)], 1)  # (nh, 2 hd h)
@@ -366,18 +349,3 @@ def magnitude_keep(X: torch.Tensor, k: int, p: int = 2) -> torch.Tensor:
     """Indices (sorted, (k,)) of the k rows of X (n, d) with the largest L_p norm."""
     score = X.abs().pow(p).sum(1) if p == 1 else (X * X).sum(1)
     return torch.sort(torch.topk(score, k).indices).values
-
-
-def nn_merge_costs(X: torch.Tensor) -> torch.Tensor:
-    """Cheap folding-cost curve: cost of merging the m closest pairs, m = 0..n-1, (n,).
-
-    Each row's squared distance to its nearest other row, halved (a pair merged into its mean
-    costs ||x_i - x_j||^2 / 2), sorted ascending and accumulated: an upper-bound proxy of the
-    k-means cost J(n - m) that needs one Gram matrix instead of n clusterings.
-    """
-    X = X.to(DT)
-    sq = (X * X).sum(1)
-    D = (sq[:, None] + sq[None, :] - 2 * X @ X.t()).clamp_min(0)
-    D.fill_diagonal_(float("inf"))
-    d = torch.sort(D.min(1).values / 2).values
-    return torch.cat([torch.zeros(1, dtype=DT), torch.cumsum(d, 0)[:-1]])

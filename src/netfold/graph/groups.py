@@ -52,6 +52,9 @@ class ChannelGroup:
         align: the channels form ``align`` equal contiguous blocks (the conv groups of grouped
             convs touching the space) and every cluster stays inside one block, each block
             keeping the same number of channels; 1 for no constraint.
+        norm_offset: ``input_norm`` scales by ``norm_offset + weight`` (Gemma's RMSNorm: 1).
+        activation: the module applying the channels' nonlinearity (a decoder MLP's act), so
+            activation features and least-squares corrections call the model's own function.
     """
 
     name: str
@@ -64,6 +67,8 @@ class ChannelGroup:
     frozen_reasons: list[str] = field(default_factory=list)
     input_norm: str | None = None
     align: int = 1
+    norm_offset: float = 0.0
+    activation: str | None = None
 
     @property
     def foldable(self) -> bool:
@@ -103,6 +108,7 @@ class HeadGroup:
         unit: "query" or "kv" (see above); "query" with one query head per KV head is "kv".
         input_norm: the norm in front of q/k/v (its weight scales the data-free features).
         frozen_reasons: non-empty when the group must not be folded.
+        norm_offset: ``input_norm`` scales by ``norm_offset + weight`` (Gemma's RMSNorm: 1).
     """
 
     name: str
@@ -116,6 +122,7 @@ class HeadGroup:
     unit: str = "query"
     input_norm: str | None = None
     frozen_reasons: list[str] = field(default_factory=list)
+    norm_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unit not in HEAD_UNITS:

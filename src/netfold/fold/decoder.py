@@ -1,0 +1,723 @@
+"""The decoder-LLM fold: plan widths, features, cluster, merge, write with rollback, sync.
+
+Model-agnostic: every structural fact (which modules form a group, fused projections, the
+norm in front of the MLP, how attributes and config follow the tensors) comes from the
+family's :class:`DecoderHooks`, built by :mod:`netfold.families` from its table row. The math
+runs on an :class:`~netfold.fold.views.Overlay` (fused / transposed projections seen as
+Linear parts) and the new tensors are re-fused by :func:`~netfold.fold.views.write_back`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import LLM_SYNTH_STARTS, FoldConfig
+from ..eval.cost import count_params
+from ..graph.groups import ChannelGroup, HeadGroup
+from ..graph.surgery import Snapshot, apply_tensors, get_module
+from ..report import GroupReport, Report
+from . import llm as L
+from .checks import check_finite, check_patterns
+from .cluster import canonical, cluster
+from .merge import TensorState
+from .plan import width_for
+from .views import Overlay, Split, write_back
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderHooks:
+    """What the decoder fold needs from a model family (supplied by :mod:`netfold.families`).
+
+    Attributes:
+        check: ``model -> None``; raises ValueError for a model the family cannot fold.
+        groups: ``(model, heads unit) -> [HeadGroup | ChannelGroup]``, layer by layer.
+        splits: ``model -> [Split]``: fused or transposed projections as Linear parts.
+        mlp_norms: ``model -> {MLP group name: norm module}`` (calibration hooks).
+        sync: ``model -> None``: attributes and config follow the rewritten tensors.
+        snapshot: ``model -> object with restore()``: attributes and config for rollback.
+    """
+
+    check: Callable[[nn.Module], Any]
+    groups: Callable[[nn.Module, str], list]
+    splits: Callable[[nn.Module], list[Split]]
+    mlp_norms: Callable[[nn.Module], dict[str, nn.Module]]
+    sync: Callable[[nn.Module], None]
+    snapshot: Callable[[nn.Module], Any]
+
+
+# ----------------------------------------------------------------------------- parameters
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of the input embedding and an untied output head."""
+    ids = set()
+    n = 0
+    for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if m is not None and id(m.weight) not in ids:
+            ids.add(id(m.weight))
+            n += m.weight.numel()
+    return n
+
+
+def _lin_params(m: nn.Linear) -> tuple[int, int]:
+    """(parameters per output row, parameters per input column) of a Linear."""
+    return m.in_features + (1 if m.bias is not None else 0), m.out_features
+
+
+def group_params(model: nn.Module, g: ChannelGroup | HeadGroup, width: int) -> int:
+    """Parameters of a group's modules when it keeps ``width`` units (channels or head units)."""
+    if isinstance(g, ChannelGroup):
+        per = sum(_lin_params(get_module(model, p))[0] for p in g.producers)
+        per += sum(_lin_params(get_module(model, c.module))[1] for c in g.consumers)
+        return per * width
+    nq, nkv = g.heads_for(width)
+    q_row, _ = _lin_params(get_module(model, g.q))
+    k_row, _ = _lin_params(get_module(model, g.k))
+    v_row, _ = _lin_params(get_module(model, g.v))
+    _, o_col = _lin_params(get_module(model, g.o))
+    o_bias = get_module(model, g.o).bias is not None
+    return g.head_dim * (nq * (q_row + o_col) + nkv * (k_row + v_row)) + (
+        get_module(model, g.o).out_features if o_bias else 0
+    )
+
+
+def _kind_enabled(g: ChannelGroup | HeadGroup, config: FoldConfig) -> bool:
+    return config.llm.fold_attention if isinstance(g, HeadGroup) else config.llm.fold_mlp
+
+
+def group_ratio(
+    g: ChannelGroup | HeadGroup, config: FoldConfig, default: float | None = None
+) -> float | None:
+    """The ratio for group ``g``: None when skipped (``skip`` pattern or its kind switched off)."""
+    if not _kind_enabled(g, config):
+        return None
+    return config.ratio_for(g.name, g.modules, default)
+
+
+def width_at(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
+    """Units kept at ``ratio``: round(n (1 - ratio)), at least one head unit; MLP channels
+    as for any channel group (``min_channels``, ``round_to``)."""
+    if isinstance(g, HeadGroup):
+        return max(1, min(g.size, int(round(g.size * (1.0 - ratio)))))
+    return width_for(g.size, ratio, config)
+
+
+def params_with(
+    model: nn.Module, groups: list, widths: dict[str, int], view: nn.Module | None = None
+) -> int:
+    """Total parameters once each group ``name`` keeps ``widths[name]`` units.
+
+    ``view``: the :class:`~netfold.fold.views.Overlay` the groups' module names resolve in
+    (default ``model``).
+    """
+    view = model if view is None else view
+    total = count_params(model)
+    for g in groups:
+        if g.name in widths:
+            total += group_params(view, g, widths[g.name]) - group_params(view, g, g.size)
+    return total
+
+
+def plan_llm_widths(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    widths: dict[str, int] | None = None,
+    ids: torch.Tensor | None = None,
+    *,
+    hooks: DecoderHooks,
+    view: nn.Module | None = None,
+) -> dict[str, int]:
+    """Units kept per group, from ``widths`` / ``ratio`` / ``ratios`` / ``target_sparsity``.
+
+    ``target_sparsity`` counts non-embedding parameters (embedding and untied LM head are never
+    folded). ``widths`` maps group names to explicit widths: channels for MLP groups, query
+    heads for attention groups. ``allocation="cost"`` measures folding errors on ``ids``
+    (token ids (n, seqlen)) with :func:`mlp_error_curves`.
+
+    Raises:
+        ValueError: an explicit width that cannot be met, an unknown group name, or an
+            unreachable target.
+    """
+    view = view if view is not None else Overlay(model, hooks.splits(model))
+    foldable = [g for g in groups if g.foldable]
+    by_name = {g.name: g for g in groups}
+    out: dict[str, int] = {}
+    if widths:
+        for name, w in widths.items():
+            g = by_name.get(name)
+            if g is None:
+                raise ValueError(f"no foldable group named {name!r}")
+            if isinstance(g, HeadGroup):
+                out[name] = g.units_for_heads(int(w))
+            else:
+                if not 1 <= int(w) <= g.size:
+                    raise ValueError(f"{name}: width {w} outside [1, {g.size}]")
+                out[name] = int(w)
+        return out
+    if config.target_sparsity is None:
+        for g in foldable:
+            r = group_ratio(g, config)
+            if r is not None:
+                out[g.name] = width_at(g, r, config)
+        if config.allocation == "cost":
+            budget = params_with(model, groups, out, view)
+            out = allocate_by_cost(
+                model, foldable, config, budget, _need(ids), hooks=hooks, view=view
+            )
+        return out
+    dense = count_params(model)
+    non_emb = dense - embedding_params(model)
+    target_params = dense - config.target_sparsity * non_emb
+    if config.allocation == "cost":
+        return allocate_by_cost(
+            model, foldable, config, target_params, _need(ids), hooks=hooks, view=view
+        )
+
+    def at(r: float) -> dict[str, int]:
+        res = {}
+        for g in foldable:
+            rr = group_ratio(g, config, default=r)
+            if rr is not None:
+                res[g.name] = width_at(g, rr, config)
+        return res
+
+    if params_with(model, groups, at(1.0 - 1e-9), view) > target_params:
+        raise ValueError(
+            f"target_sparsity {config.target_sparsity:.3f} (of non-embedding parameters) is "
+            "unreachable with the groups allowed to fold"
+        )
+    lo, hi = 0.0, 1.0 - 1e-9
+    best, best_err = at(0.0), math.inf
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        w = at(mid)
+        p = params_with(model, groups, w, view)
+        err = abs(p - target_params)
+        if err < best_err:
+            best, best_err = w, err
+        if p > target_params:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+
+
+def mlp_error_curves(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    ids: torch.Tensor,
+    grid: tuple[float, ...] = ALLOC_GRID,
+    *,
+    hooks: DecoderHooks,
+    view: nn.Module | None = None,
+) -> dict[str, list[tuple[int, float]]]:
+    """Folding error of each MLP group at the widths of :data:`ALLOC_GRID`, from token ids.
+
+    ``grid``: kept fractions, decreasing. The error of a width is the median over tokens of ||MLP_folded(x) - MLP(x)||^2 / ||r||^2,
+    with x the normalised MLP input and r the residual stream entering the MLP: what the fold
+    changes in the stream, relative to the stream (the median ignores the few tokens carrying
+    massive activations). With self-generated ids this is data-free
+    (benchmarks/llm_sensitivity_check.py compares its ranking with measured perplexity).
+
+    Returns:
+        {group name: [(width, error), ...]} in decreasing width, starting at (size, 0.0).
+    """
+    view = view if view is not None else Overlay(model, hooks.splits(model))
+    norms = hooks.mlp_norms(model)
+    io = collect_mlp_inputs(model, ids, norms, max_rows=2048, seed=config.seed, residual=True)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for g in groups:
+        if not isinstance(g, ChannelGroup) or g.name not in io:
+            continue
+        x, r = io[g.name]
+        prot = L.protected_channels(L.channel_gain(view, g), config.llm.protect)
+        rows, biases = L._rows(view, g), L._biases(view, g)
+        act = L.activation(view, g)
+        down = get_module(view, g.consumers[0].module).weight.detach().to(torch.float64)
+        X = _mlp_cluster_features(view, g, feature_kind(config, have_ids=True), x)
+        y = L.mlp_hidden(x, rows, act, biases) @ down.t()
+        rn = (r * r).sum(1).clamp_min(1e-30)
+        pts = [(g.size, 0.0)]
+        for frac in grid:
+            k = max(1, int(round(g.size * frac)))
+            if k >= pts[-1][0]:
+                continue
+            c = _cluster_protected(X, k, prot, dataclasses.replace(config, n_init=1))
+            U, A = L.cluster_matrices(c.labels, k, torch.float64)
+            merged = tuple(A @ r for r in rows)
+            mb = tuple(None if b is None else A @ b for b in biases)
+            y2 = L.mlp_hidden(x, merged, act, mb) @ (down @ U).t()
+            pts.append((k, float((((y2 - y) ** 2).sum(1) / rn).median())))
+        curves[g.name] = pts
+    return curves
+
+
+def _mlp_cluster_features(
+    model: nn.Module, g: ChannelGroup, kind: str, x: torch.Tensor | None
+) -> torch.Tensor:
+    """k-means features of an MLP group: weights (I, d) or activations on ``x`` (I, S)."""
+    if kind == "activations":
+        return L.mlp_activation_features(x, L._rows(model, g), L.activation(model, g), L._biases(model, g))
+    return L.mlp_features(model, g)
+
+
+def feature_kind(config: FoldConfig, have_ids: bool) -> str:
+    """The MLP clustering features a fold uses: "weights" or "activations" (LLMConfig.features)."""
+    f = config.llm.features
+    if f == "auto":
+        return "activations" if have_ids else "weights"
+    return f
+
+
+def _need(ids: torch.Tensor | None) -> torch.Tensor:
+    if ids is None:
+        raise ValueError("allocation='cost' needs token ids (self-generated or calibration)")
+    return ids
+
+
+def allocate_by_cost(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    target_params: float,
+    ids: torch.Tensor | None,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+    *,
+    hooks: DecoderHooks,
+    view: nn.Module | None = None,
+) -> dict[str, int]:
+    """Per-layer MLP widths from measured folding errors (:func:`mlp_error_curves`).
+
+    Greedy over the width grid: repeatedly take the step (one group to its next grid width)
+    that adds the least error per parameter removed, until the model has at most
+    ``target_params`` parameters. Errors add up across layers (log-perplexity does, roughly).
+    Attention heads are not folded by this allocation (on small models they cost far more
+    perplexity per parameter than MLP channels, docs/llm.md). ``curves`` (from
+    :func:`mlp_error_curves`, which do not depend on the target) skip the measurement.
+    """
+    allowed = [
+        g
+        for g in groups
+        if isinstance(g, ChannelGroup) and group_ratio(g, config, default=0.0) is not None
+    ]
+    view = view if view is not None else Overlay(model, hooks.splits(model))
+    if curves is None:
+        curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view)
+    curves = {k: v for k, v in curves.items() if k in {g.name for g in allowed}}
+    by_name = {g.name: g for g in allowed}
+    step = {name: 0 for name in curves}
+    widths = {name: by_name[name].size for name in curves}
+    current = params_with(model, groups, widths, view)
+    while current > target_params:
+        best, best_score = None, math.inf
+        for name, pts in curves.items():
+            i = step[name]
+            if i + 1 >= len(pts):
+                continue
+            g = by_name[name]
+            saved = group_params(view, g, pts[i][0]) - group_params(view, g, pts[i + 1][0])
+            score = (pts[i + 1][1] - pts[i][1]) / max(saved, 1)
+            if score < best_score:
+                best, best_score = name, score
+        if best is None:
+            raise ValueError(
+                "target is unreachable with allocation='cost': every allowed MLP group is at "
+                f"the smallest grid width ({min(ALLOC_GRID):.0%})"
+            )
+        g = by_name[best]
+        i = step[best]
+        current -= group_params(view, g, curves[best][i][0]) - group_params(
+            view, g, curves[best][i + 1][0]
+        )
+        step[best] = i + 1
+        widths[best] = curves[best][i + 1][0]
+    return {k: v for k, v in widths.items() if v < by_name[k].size}
+
+
+# ---------------------------------------------------------------------------------- data
+@torch.no_grad()
+def collect_mlp_inputs(
+    model: nn.Module,
+    data: Any,
+    norms: dict[str, nn.Module],
+    max_rows: int = 4096,
+    seed: int = 0,
+    residual: bool = False,
+) -> dict[str, Any]:
+    """Normalised MLP inputs per layer: {group: (S, hidden)}.
+
+    ``norms``: {MLP group name: the norm module whose output the MLP reads} (the family's
+    ``mlp_norm``: ``post_attention_layernorm`` for Llama, ``pre_feedforward_layernorm`` for
+    Gemma2/3, ``ln_2`` for GPT-2, ...).
+
+    ``data``: token ids (n, seqlen) or a list of such tensors; at most ``max_rows`` token
+    positions are kept per layer (a fixed random subset). With ``residual`` each value is a
+    pair (inputs, residual stream entering the norm), both (S, hidden) float64.
+    """
+    batches = [data] if isinstance(data, torch.Tensor) else list(data)
+    if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
+        raise ValueError("LLM calibration data must be token ids: a (n, seqlen) LongTensor")
+    rows: dict[str, list[torch.Tensor]] = {}
+    res: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, norm in norms.items():
+
+        def hook(_m, inp, out, name=name):
+            rows.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+            if residual:
+                res.setdefault(name, []).append(inp[0].detach().reshape(-1, out.shape[-1]).float())
+
+        hooks.append(norm.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            for j in range(b.shape[0]):
+                model(input_ids=b[j : j + 1].long(), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name, parts in rows.items():
+        X = torch.cat(parts)
+        pick = torch.randperm(X.shape[0], generator=g)[:max_rows] if X.shape[0] > max_rows else None
+        X = (X if pick is None else X[pick]).to(torch.float64)
+        if residual:
+            R = torch.cat(res[name])
+            out[name] = (X, (R if pick is None else R[pick]).to(torch.float64))
+        else:
+            out[name] = X
+    return out
+
+
+@torch.no_grad()
+def self_generated_ids(
+    model: nn.Module,
+    n: int = 8,
+    length: int = 128,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    start: str = "bos",
+) -> torch.Tensor:
+    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
+
+    ``start``: "bos" samples every sequence from the BOS token alone; "random" puts one token
+    drawn uniformly from the vocabulary after BOS (special tokens excluded), as LLM-QAT's
+    data-free generation does, so the sequences spread over many topics and languages instead
+    of the few openings the model prefers. Sampling runs at ``temperature`` (default 1) with
+    nucleus ``top_p`` (default 1: none), no top-k, seeded. The sequences carry the model's own
+    activation statistics (massive activations included), which Gaussian inputs do not.
+    """
+    if start not in LLM_SYNTH_STARTS:
+        raise ValueError(f"unknown start {start!r}; choose from {LLM_SYNTH_STARTS}")
+    cfg = model.config
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
+    head = torch.full((n, 1), int(bos), dtype=torch.long)
+    if start == "random":
+        special = {
+            int(t)
+            for t in (cfg.bos_token_id, cfg.eos_token_id, getattr(cfg, "pad_token_id", None))
+            if isinstance(t, int)
+        }
+        vocab = torch.tensor([t for t in range(int(cfg.vocab_size)) if t not in special])
+        gen = torch.Generator().manual_seed(seed)
+        first = vocab[torch.randint(0, vocab.numel(), (n, 1), generator=gen)]
+        head = torch.cat([head, first], 1)
+    new_tokens = max(length - head.shape[1], 0)
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(
+                head,
+                attention_mask=torch.ones_like(head),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=top_p,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0,
+            )
+    finally:
+        model.train(was)
+    return out[:, :length]
+
+
+# ---------------------------------------------------------------------------------- fold
+def _uses_ids(config: FoldConfig, widths: dict[str, int] | None, prune: bool) -> bool:
+    """Whether a fold with this config reads calibration token ids when they are given."""
+    if config.repair in ("data", "dir"):
+        return True
+    if config.allocation == "cost" and not widths:
+        return True
+    return not prune and config.llm.fold_mlp and config.llm.features != "weights"
+
+
+def _check_ids(model: nn.Module, data: Any) -> None:
+    """Raise ValueError unless ``data`` is token ids (n, seqlen) inside the model's vocabulary."""
+    batches = [data] if isinstance(data, torch.Tensor) else data
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError(
+            "data must be token ids: a (n, seqlen) integer Tensor or a non-empty list of them, "
+            f"got {type(data).__name__}"
+        )
+    emb = model.get_input_embeddings()
+    vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else int(model.config.vocab_size)
+    for i, b in enumerate(batches):
+        where = "data" if isinstance(data, torch.Tensor) else f"data[{i}]"
+        if not isinstance(b, torch.Tensor) or b.dim() != 2:
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"{where} must be token ids of shape (n, seqlen), got {shape}")
+        if b.dtype == torch.bool or b.is_floating_point() or b.is_complex():
+            raise ValueError(f"{where} must hold integer token ids, got dtype {b.dtype}")
+        if b.numel() == 0:
+            raise ValueError(f"{where} is empty (shape {tuple(b.shape)}): no calibration tokens")
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"{where} holds token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
+            )
+
+
+def fold_decoder(
+    model: nn.Module,
+    config: FoldConfig,
+    hooks: DecoderHooks,
+    *,
+    data: Any = None,
+    widths: dict[str, int] | None = None,
+    groups: list | None = None,
+    progress: bool = False,
+) -> Report:
+    """Fold a Hugging Face decoder in place (see :func:`netfold.fold`).
+
+    Args:
+        model: a decoder of a family in :mod:`netfold.families.table` (Llama, Qwen, Gemma,
+            Phi-3, GPT-2, OPT, ...).
+        config: the FoldConfig; ``config.llm`` picks the head unit and the data-free correction;
+            ``method`` "kmeans" folds, "magnitude-l1" / "magnitude-l2" prune the same groups.
+        data: token ids (n, seqlen) (an integer Tensor or a list of them, every id in
+            ``[0, vocab_size)``) for ``repair="data"``; ``repair="dir"``, ``allocation="cost"``
+            and activation features sample their own from the model when it is None (data-free)
+            and use it when given. Refused when this config would not read it.
+        widths: explicit widths ``{group: channels or query heads}`` instead of ratios.
+        hooks: the family's structure (groups, split views, MLP norms, sync, attribute
+            snapshot), from :mod:`netfold.families`.
+        groups: precomputed ``hooks.groups`` output.
+        progress: progress bars.
+
+    Returns:
+        The Report; ``extra`` holds non-embedding parameter counts and sparsity.
+
+    Raises:
+        ValueError: unsupported architecture, weights on meta or NaN/inf, a width that cannot
+            be met, an unreachable target, missing calibration data for repair="data", ``data``
+            that is not token ids inside the vocabulary or that this config would ignore, a
+            ``ratios`` / ``skip`` pattern that matches no group.
+    """
+    t0 = time.perf_counter()
+    hooks.check(model)
+    check_finite(model)
+    if config.repair == "data" and data is None:
+        raise ValueError("repair='data' needs calibration token ids: pass data=(n, seqlen) ids")
+    prune = config.method.startswith("magnitude")
+    if not prune and config.method != "kmeans" and config.method not in ("greedy",):
+        if not config.method.startswith("agglomerative") and config.method != "spectral":
+            raise ValueError(f"method {config.method!r} is not supported for LLMs")
+    if data is not None:
+        _check_ids(model, data)
+        if not _uses_ids(config, widths, prune):
+            raise ValueError(
+                f"data= would be ignored: with repair={config.repair!r}, "
+                f"allocation={config.allocation!r} and features={config.llm.features!r} this "
+                "LLM fold is data-free (token ids are used by repair 'data'/'dir', "
+                "allocation='cost' or features 'auto'/'activations'); drop data="
+            )
+    if groups is None:
+        groups = hooks.groups(model, config.llm.heads)
+    check_patterns(groups, config, modules_of=lambda g: g.modules)
+    synth_seconds = None
+    needs_ids = (
+        config.repair == "dir"
+        or (config.allocation == "cost" and not widths)
+        or (config.llm.features == "activations" and not prune)
+    )
+    if needs_ids and data is None:
+        t1 = time.perf_counter()
+        data = self_generated_ids(
+            model,
+            config.llm.synth_sequences,
+            config.llm.synth_length,
+            config.seed,
+            start=config.llm.synth_start,
+        )
+        synth_seconds = time.perf_counter() - t1
+    view = Overlay(model, splits := hooks.splits(model))
+    plan = plan_llm_widths(model, groups, config, widths, data, hooks=hooks, view=view)
+    params_before = count_params(model)
+    emb = embedding_params(model)
+    todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
+
+    feats = "weights" if prune else feature_kind(config, have_ids=data is not None)
+    inputs = None
+    mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
+    if (config.repair in ("data", "dir") and todo) or (feats == "activations" and mlp_todo):
+        inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
+    correction, refits = "none", {}
+    if config.repair in ("data", "dir"):
+        correction = "data"
+    if config.repair == "ar":
+        correction = config.llm.correction
+
+    state: TensorState = {}
+    costs: dict[str, float] = {}
+    labels_of: dict[str, list[int]] = {}
+    for g in tqdm(todo, desc="folding", disable=not progress, leave=False):
+        k = plan[g.name]
+        if isinstance(g, HeadGroup):
+            blocks = L.head_features(view, g)
+            if prune:
+                p = 1 if config.method == "magnitude-l1" else 2
+                keep = [L.magnitude_keep(b, k, p) for b in blocks]
+                L.prune_heads(state, view, g, keep)
+                labels_of[g.name] = torch.cat(keep).tolist()
+                continue
+            labs, cost = [], 0.0
+            for b in blocks:
+                c = _cluster(b, k, config)
+                labs.append(c.labels)
+                cost += c.cost
+            L.merge_heads(state, view, g, labs, k, correction if correction != "data" else "lsq")
+            labels_of[g.name] = torch.cat(labs).tolist()
+            costs[g.name] = cost
+        else:
+            prot = L.protected_channels(L.channel_gain(view, g), config.llm.protect)
+            if prune:
+                X = L.mlp_features(view, g)
+                score = X.abs().sum(1) if config.method == "magnitude-l1" else (X * X).sum(1)
+                score[prot] = math.inf
+                keep = torch.sort(torch.topk(score, k).indices).values
+                L.prune_mlp(state, view, g, keep)
+                labels_of[g.name] = keep.tolist()
+                continue
+            x = inputs[g.name] if inputs is not None else None
+            c = _cluster_protected(_mlp_cluster_features(view, g, feats, x), k, prot, config)
+            z, how = None, correction
+            if inputs is not None and config.repair in ("data", "dir"):
+                z = inputs[g.name]
+                how = _refit_kind(config.llm.refit, z.shape[0], k)
+                refits[g.name] = "full" if how == "data" else "diag"
+            elif correction == "lsq":
+                hidden = get_module(view, g.producers[0]).in_features
+                s = L.input_scale(view, g.input_norm, hidden, g.norm_offset)
+                z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
+            L.merge_mlp(state, view, g, c.labels, k, how, z, config.llm.ridge)
+            labels_of[g.name] = c.labels.tolist()
+            costs[g.name] = c.cost
+
+    state = write_back(state, view, splits)
+    snap = Snapshot(model, sorted(state))
+    attrs = hooks.snapshot(model)
+    try:
+        apply_tensors(model, state)
+        hooks.sync(model)
+        check_finite(model)
+    except BaseException:
+        snap.restore()
+        attrs.restore()
+        raise
+
+    params_after = count_params(model)
+    report = Report(
+        operation="fold" if not prune else "prune",
+        params_before=params_before,
+        params_after=params_after,
+        config=config.to_dict(),
+    )
+    for g in groups:
+        k = plan.get(g.name, g.size)
+        if isinstance(g, HeadGroup):
+            before, after = g.num_heads, g.heads_for(k)[0]
+        else:
+            before, after = g.size, k
+        if g.name in plan or g.foldable:
+            report.groups.append(
+                GroupReport(
+                    g.name, before, after, g.modules, costs.get(g.name), labels_of.get(g.name)
+                )
+            )
+        if not g.foldable:
+            report.skipped.append((g.name, "; ".join(g.frozen_reasons) or "a single unit"))
+    report.extra.update(
+        non_embedding_params_before=params_before - emb,
+        non_embedding_params_after=params_after - emb,
+        non_embedding_sparsity=1.0 - (params_after - emb) / (params_before - emb),
+        correction=correction,
+        refit=sorted(set(refits.values())) if refits else None,
+        heads_unit=config.llm.heads,
+        features=feats,
+    )
+    if synth_seconds is not None:
+        report.extra["self_generation_seconds"] = synth_seconds
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+REFIT_ROWS_PER_CHANNEL = 4
+
+
+def _refit_kind(refit: str, rows: int, k: int) -> str:
+    """merge_mlp's correction for a down_proj refit of ``k`` columns on ``rows`` token rows.
+
+    "auto": the full k x k ridge refit once there are at least REFIT_ROWS_PER_CHANNEL rows per
+    merged channel, else the per-member ("lsq") weights, which need far fewer: with 1,024
+    self-generated tokens a full refit of 384 columns overfits (SmolLM2 10%: 67 vs 24.7 ppl),
+    with 4,096 it helps (20%: 52 vs 69; benchmarks/results/llm_variants.json).
+    """
+    if refit == "auto":
+        refit = "full" if rows >= REFIT_ROWS_PER_CHANNEL * k else "diag"
+    return "data" if refit == "full" else "lsq"
+
+
+def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig):
+    """Cluster rows of X into k clusters, each protected row alone in its own cluster."""
+    n = X.shape[0]
+    if prot.numel() == 0 or k <= prot.numel():
+        return _cluster(X, k, config)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[prot] = False
+    idx = rest.nonzero().flatten()
+    c = _cluster(X[idx], k - prot.numel(), config)
+    labels = torch.empty(n, dtype=torch.long)
+    labels[idx] = c.labels
+    labels[prot] = torch.arange(k - prot.numel(), k)
+    return type(c)(canonical(labels), c.cost)
+
+
+def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
+    return cluster(
+        X.float() if X.shape[0] > 64 else X,
+        k,
+        config.method,
+        seed=config.seed,
+        n_init=config.n_init,
+        max_iter=config.max_iter,
+        tol=config.tol,
+    )
+
