@@ -62,7 +62,11 @@ def layers_of(model: nn.Module, fam: DecoderFamily | None = None) -> nn.ModuleLi
 
 def _is_transposed_linear(m: nn.Module) -> bool:
     # GPT-2's Conv1D: weight (in, out), bias (out,), width attributes nf / nx
-    return hasattr(m, "nf") and hasattr(m, "nx") and isinstance(getattr(m, "weight", None), nn.Parameter)
+    return (
+        hasattr(m, "nf")
+        and hasattr(m, "nx")
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+    )
 
 
 def _projection_paths(fam: DecoderFamily) -> list[str]:
@@ -117,7 +121,9 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
             nkv = (_out_features(layer.get_submodule(a.qkv), t) // hd - nh) // 2
         else:
             nkv = _out_features(layer.get_submodule(a.k), t) // hd
-        out.append({"intermediate_size": inter, "num_attention_heads": nh, "num_key_value_heads": nkv})
+        out.append(
+            {"intermediate_size": inter, "num_attention_heads": nh, "num_key_value_heads": nkv}
+        )
     return out
 
 
@@ -154,7 +160,9 @@ def splits(model: nn.Module) -> list[Split]:
         nh, nkv, inter = w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]
         if a.qkv:
             out.append(
-                Split(f"{prefix}.{a.qkv}", (n["q"], n["k"], n["v"]), (nh * hd, nkv * hd, nkv * hd), t)
+                Split(
+                    f"{prefix}.{a.qkv}", (n["q"], n["k"], n["v"]), (nh * hd, nkv * hd, nkv * hd), t
+                )
             )
         if p.gate_up:
             out.append(Split(f"{prefix}.{p.gate_up}", (n["gate"], n["up"]), (inter, inter), t))
@@ -287,7 +295,14 @@ def sync_decoder(model: nn.Module) -> None:
 class AttrSnapshot:
     """Attention/MLP attributes and the config, for rollback beside the tensor Snapshot."""
 
-    KEEP = ("num_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size", "nf", "nx")
+    KEEP = (
+        "num_heads",
+        "num_key_value_heads",
+        "num_key_value_groups",
+        "intermediate_size",
+        "nf",
+        "nx",
+    )
 
     def __init__(self, model: nn.Module) -> None:
         fam = family_of(model)

@@ -124,6 +124,7 @@ def overlay(model: nn.Module) -> Overlay:
     """The model with fused / transposed projections visible as Linear parts (group names)."""
     return Overlay(model, splits(model))
 
+
 # ------------------------------------------------------------------------------ save/load
 
 

@@ -148,7 +148,9 @@ DECODERS: tuple[DecoderFamily, ...] = (
                 "layer), so per-layer head counts cannot be expressed; heads are kept"
             ),
         ),
-        mlp=Mlp(up=None, gate=None, gate_up="mlp.gate_up_proj", act="mlp.activation_fn", size_attr=None),
+        mlp=Mlp(
+            up=None, gate=None, gate_up="mlp.gate_up_proj", act="mlp.activation_fn", size_attr=None
+        ),
     ),
     DecoderFamily(
         "GPT-2",

@@ -268,7 +268,9 @@ def _mlp_cluster_features(
 ) -> torch.Tensor:
     """k-means features of an MLP group: weights (I, d) or activations on ``x`` (I, S)."""
     if kind == "activations":
-        return L.mlp_activation_features(x, L._rows(model, g), L.activation(model, g), L._biases(model, g))
+        return L.mlp_activation_features(
+            x, L._rows(model, g), L.activation(model, g), L._biases(model, g)
+        )
     return L.mlp_features(model, g)
 
 
@@ -720,4 +722,3 @@ def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
         max_iter=config.max_iter,
         tol=config.tol,
     )
-
