@@ -301,11 +301,12 @@ def fold_encoder(
     """
     from tqdm.auto import tqdm
 
-    from ..api import check_finite, check_patterns, plan_widths
     from ..config import FoldConfig
     from ..eval.cost import count_params
+    from ..fold.checks import check_finite, check_patterns
     from ..fold.cluster import cluster
     from ..fold.merge import group_features, merge_group
+    from ..fold.plan import plan_widths
     from ..graph.edits import EDITS_ATTR, get_edits, set_attributes
     from ..graph.surgery import Snapshot, apply_tensors
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..baselines import ifm_labels, magnitude_scores, top_k_labels
 from ..config import CLUSTER_METHODS, MERGE_BASELINES, PRUNE_METHODS, FoldConfig
 from ..graph.groups import ChannelGroup
 from .cluster import cluster, folding_cost
+from .ifm import ifm_labels
+from .magnitude import magnitude_scores, top_k_labels
 from .merge import group_features
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fold.cluster import greedy_pairing
+from .cluster import greedy_pairing
 
 
 def ifm_labels(X: torch.Tensor, k: int) -> torch.Tensor:
