@@ -60,13 +60,13 @@ def _fold_encoder(
 
 
 def hf_families() -> dict[str, object]:
-    """Hugging Face ``model_type`` -> fold function, from the families' own tables."""
-    from .families.encoders import SUPPORTED_MODEL_TYPES
-    from .families.llama import SUPPORTED
+    """Hugging Face ``model_type`` -> fold function, from the family table
+    (:mod:`netfold.families.table`: one row per decoder family, plus the encoder types)."""
+    from .families.table import DECODERS, ENCODER_MODEL_TYPES
 
     return {
-        **{t: _fold_decoder for t in SUPPORTED},
-        **{t: _fold_encoder for t in SUPPORTED_MODEL_TYPES},
+        **{t: _fold_decoder for f in DECODERS for t in f.model_types},
+        **{t: _fold_encoder for t in ENCODER_MODEL_TYPES},
     }
 
 
@@ -164,10 +164,11 @@ def fold(
 ) -> Report:
     """Fold ``model`` in place: cluster each channel group, merge, repair.
 
-    Hugging Face models are dispatched on ``config.model_type`` (:data:`HF_FAMILIES`):
-    Llama-family decoders (Llama, SmolLM2, Qwen2, Mistral) to
-    :func:`netfold.families.llama.fold_decoder` (MLP channels and whole attention heads),
-    encoders (BERT, RoBERTa, DistilBERT, ViT) to :func:`netfold.families.encoders.fold_encoder`.
+    Hugging Face models are dispatched on ``config.model_type`` through the family table
+    (:mod:`netfold.families.table`): decoders (Llama, Mistral, Qwen2/3, Gemma/2/3, Phi-3,
+    GPT-2, OPT) to :func:`netfold.fold.decoder.fold_decoder` (MLP channels and whole attention
+    heads), encoders (BERT, RoBERTa, DistilBERT, ViT) to
+    :func:`netfold.families.encoders.fold_encoder`.
     Any other model is traced with torch.fx.
 
     Args:

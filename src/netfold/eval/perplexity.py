@@ -105,27 +105,3 @@ def greedy_sample(
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-
-def lm_eval_tasks(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: list[str],
-    batch_size: int = 8,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Zero-shot accuracy through lm-eval's HFLM wrapping the in-memory model.
-
-    Raises:
-        RuntimeError: lm-eval is not installed or a task's data is not reachable.
-    """
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise RuntimeError("lm-eval is not installed: pip install lm-eval") from e
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        res = simple_evaluate(model=lm, tasks=tasks, limit=limit)
-    except Exception as e:  # noqa: BLE001 - task data unreachable offline
-        raise RuntimeError(f"lm-eval could not run {tasks}: {type(e).__name__}: {e}") from e
-    return res["results"]

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..graph.groups import ChannelGroup, Consumer
 from ..report import Report
+from .table import ENCODER_MODEL_TYPES
 
 __all__ = [
     "ATTENTION_LAYOUTS",
@@ -47,8 +48,8 @@ __all__ = [
 ]
 
 #: Hugging Face ``config.model_type`` values :func:`netfold.fold` sends to :func:`fold_encoder`
-#: (each covered by a tiny-config test in tests/test_errors.py).
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "vit")
+#: (the family table's encoder types; each covered by a tiny-config test in tests/test_errors.py).
+SUPPORTED_MODEL_TYPES = ENCODER_MODEL_TYPES
 
 #: (first Linear, activation, second Linear, optional modules between act and second),
 #: relative to the module that holds the MLP.
