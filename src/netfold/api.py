@@ -11,24 +11,23 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .config import PRUNE_METHODS, FoldConfig
-from .eval.cost import count_flops, count_params
-from .fold.checks import check_finite, check_materialised, check_patterns
-from .fold.deep_inversion import synthesize
-from .fold.merge import ColumnShifts, TensorState, merge_group, merge_matrices
-from .fold.methods import GroupPlan, plan_group
+from .config import FoldConfig
+from .fold.checks import (  # noqa: F401 - kept importable from netfold.api
+    check_data,
+    check_finite,
+    check_materialised,
+    check_patterns,
+)
 from .fold.plan import (  # noqa: F401 - the planner's public names, kept importable here
     group_ratio,
     params_after,
     plan_widths,
     width_for,
 )
-from .fold.repair import collect_inputs, producer_stats, repair_with_batch
+from .fold.repairs import get_repair, repair_names
+from .fold.run import run
 from .graph.groups import ChannelGroup
-from .graph.surgery import Snapshot, apply_tensors
-from .graph.trace import find_groups, infer_example_inputs
 from .report import Report
 
 
@@ -88,69 +87,6 @@ def model_family(model: nn.Module):
     return families[mt]
 
 
-def _first_layer_shape(model: nn.Module) -> str:
-    """What the first Linear / Conv expects, for error messages: "(N, 3, H, W)", "(N, ..., 64)"."""
-    first = next(
-        (m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))),
-        None,
-    )
-    if isinstance(first, nn.Linear):
-        return f"(N, ..., {first.in_features}) (first layer: Linear({first.in_features}, ...))"
-    if isinstance(first, nn.modules.conv._ConvNd):
-        spatial = ", ".join("HWD"[: len(first.kernel_size)])
-        return f"(N, {first.in_channels}, {spatial}) (first layer: {type(first).__name__})"
-    return "the model's input shape"
-
-
-def check_data(
-    model: nn.Module, data, example_inputs: tuple[torch.Tensor, ...] | None
-) -> torch.Tensor:
-    """Collect ``data`` into one (N, ...) batch and check it fits ``model``, or raise ValueError.
-
-    Empty, NaN / inf, a dtype other than the model's, or a shape other than ``example_inputs``'
-    (or, without them, one the model cannot run on: tried once in eval mode, no gradients,
-    training mode restored) are refused with a message naming ``data``.
-
-    Returns:
-        The calibration batch (N, ...), at most 1024 samples.
-    """
-    try:
-        batch = collect_inputs(data)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise type(e)(msg if "data" in msg else f"data: {msg}") from None
-    if batch.dim() == 0 or batch.shape[0] == 0 or batch.numel() == 0:
-        raise ValueError(f"data is empty (shape {tuple(batch.shape)}): no calibration samples")
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    want = example_inputs[0].dtype if example_inputs else (p.dtype if p is not None else None)
-    if want is not None and batch.dtype != want:
-        raise ValueError(f"data must have dtype {want} (the model's inputs), got {batch.dtype}")
-    if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
-        raise ValueError("data contains NaN or inf; calibration inputs must be finite")
-    if example_inputs:
-        ex = example_inputs[0]
-        if tuple(batch.shape[1:]) != tuple(ex.shape[1:]):
-            raise ValueError(
-                f"data must have shape (N, {', '.join(map(str, ex.shape[1:]))}) like "
-                f"example_inputs, got {tuple(batch.shape)}"
-            )
-        return batch
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(batch[:2])
-    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"data of shape {tuple(batch.shape)} does not fit the model, which expects "
-            f"{_first_layer_shape(model)}: {reason}"
-        ) from None
-    finally:
-        model.train(was)
-    return batch
-
-
 def fold(
     model: nn.Module,
     config: FoldConfig | None = None,
@@ -208,111 +144,24 @@ def fold(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised(model)
+    repair = get_repair(config.repair)
     family = model_family(model)
+    if family is not None and not repair.families:
+        raise ValueError(
+            f"repair={config.repair!r} supports traced CNNs / MLPs, not {type(model).__name__}; "
+            f"use one of {[r for r in repair_names() if get_repair(r).families]}"
+        )
     if family is not None:
         return family(model, config, data=data, widths=widths, groups=groups, progress=progress)
     if widths is not None:
         raise ValueError("widths= is supported for decoder LLMs only; use ratios= patterns")
-    check_finite(model)
-    if config.repair == "data" and data is None:
-        raise ValueError(
-            "repair='data' needs calibration inputs: pass data=... (a Tensor, batches or a DataLoader)"
-        )
-    if data is not None and config.repair != "data":
-        why = "synthesises its own inputs" if config.repair == "dir" else "is data-free"
-        raise ValueError(
-            f"data= is only used by repair='data'; repair={config.repair!r} {why} and would "
-            "ignore it (pass repair='data' to calibrate on it, or drop data=)"
-        )
-    if config.repair == "dir" and not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    ):
-        raise ValueError(
-            "repair='dir' needs BatchNorm layers (Deep Inversion matches their statistics)"
-        )
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if example_inputs is not None:
-        example_inputs = tuple(example_inputs)
-        if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-            raise TypeError("example_inputs must be a Tensor or a non-empty sequence of Tensors")
-    calib = check_data(model, data, example_inputs) if data is not None else None
-    if example_inputs is None:
-        # Calibration data already showed which shape the model runs on; no need to guess.
-        example_inputs = (calib[:2],) if calib is not None else infer_example_inputs(model)
-    if groups is None:
-        groups = find_groups(model, example_inputs)
-    check_patterns(groups, config)
-    mode = "ar" if config.repair == "ar" else "naive"
-    widths = plan_widths(model, groups, config, mode=mode, progress=progress)
-    params_before = count_params(model)
-    one = tuple(t[:1] for t in example_inputs)  # FLOPs are reported per input sample
-    flops_before = count_flops(model, one)
-
-    todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
-    state: TensorState = {}
-    plans: dict[str, GroupPlan] = {}
-    for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
-        plans[g.name] = plan_group(model, g, widths[g.name], config, mode)
-    shifts: ColumnShifts = {}  # consumers of torch.cat read several groups side by side
-    for g in todo:
-        pl = plans[g.name]
-        merge_group(state, model, g, pl.labels, pl.k, mode, pl.rule, shifts=shifts)
-
-    # Everything that needs the ORIGINAL model happens before the write.
-    batch = None
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if todo and config.repair in ("dir", "data"):
-        if config.repair == "data":
-            batch = calib
-        else:
-            batch = (
-                synthetic
-                if synthetic is not None
-                else synthesize(
-                    model,
-                    tuple(example_inputs[0].shape[1:]),
-                    config.deep_inversion,
-                    progress=progress,
-                )
-            )
-        free = [(g, p) for g in todo for p in g.producers if p not in g.bn_of]
-        if free:
-            stats = producer_stats(model, [p for _, p in free], batch)
-            for g, p in free:
-                pl = plans[g.name]
-                A = merge_matrices(pl.labels, pl.k, pl.rule, torch.float64)[1]
-                mu, sd = stats[p]
-                targets[p] = (A @ mu, A @ sd)
-
-    touched = sorted(
-        state.keys()
-        | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    return run(
+        model,
+        config,
+        example_inputs=example_inputs,
+        data=data,
+        synthetic=synthetic,
+        groups=groups,
+        progress=progress,
+        t0=t0,
     )
-    snap = Snapshot(model, touched)
-    # Everything from the first write on runs under the snapshot: a failure in the write, the
-    # repair, the checks or the report puts every touched tensor and attribute back.
-    try:
-        apply_tensors(model, state)
-        if batch is not None:
-            repair_with_batch(model, batch, targets, reset_bn=True)
-        check_finite(model)
-        report = Report(
-            operation="prune" if config.method in PRUNE_METHODS else "fold",
-            params_before=params_before,
-            params_after=count_params(model),
-            flops_before=flops_before,
-            flops_after=count_flops(model, one) if todo else flops_before,
-            config=config.to_dict(),
-        )
-        report.add_groups(
-            groups,
-            widths,
-            {n: p.cost for n, p in plans.items()},
-            {n: p.labels for n, p in plans.items()},
-        )
-    except BaseException:
-        snap.restore()
-        raise
-    report.seconds = time.perf_counter() - t0
-    return report

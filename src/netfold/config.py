@@ -25,7 +25,19 @@ CLUSTER_METHODS = (
 PRUNE_METHODS = ("magnitude-l1", "magnitude-l2")
 MERGE_BASELINES = ("ifm",)
 METHODS = CLUSTER_METHODS + PRUNE_METHODS + MERGE_BASELINES
-REPAIRS = ("none", "ar", "dir", "data")
+#: Repair names a FoldConfig accepts. Filled by the repair registry
+#: (:func:`netfold.fold.repairs.register`, which calls :func:`add_repair_name`): a new repair
+#: is one registered module, and configs accept its name without an edit here.
+REPAIRS: tuple[str, ...] = ("none", "ar", "dir", "data")
+
+
+def add_repair_name(name: str) -> None:
+    """Accept ``name`` as ``FoldConfig.repair`` (called by the repair registry only)."""
+    global REPAIRS
+    if name not in REPAIRS:
+        REPAIRS = (*REPAIRS, name)
+
+
 ALLOCATIONS = ("uniform", "cost")
 #: The ratio a FoldConfig uses when neither ``ratio`` nor ``target_sparsity`` is given.
 DEFAULT_RATIO = 0.5

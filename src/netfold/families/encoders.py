@@ -262,6 +262,30 @@ def mark_hf(model: nn.Module) -> nn.Module:
     )
 
 
+class _HeadAttrs:
+    """Head-count attributes of attention modules and the recorded edits, for rollback."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        from ..graph.edits import get_edits
+
+        self.model = model
+        self.edits = get_edits(model)
+        attrs = HEAD_COUNT_ATTRS + HEAD_WIDTH_ATTRS
+        self.saved = {
+            n: {a: getattr(model.get_submodule(n), a, None) for a in attrs} for n in names
+        }
+
+    def restore(self) -> None:
+        from ..graph.edits import EDITS_ATTR
+
+        for n, saved in self.saved.items():
+            m = self.model.get_submodule(n)
+            for a, v in saved.items():
+                if v is not None:
+                    setattr(m, a, v)
+        setattr(self.model, EDITS_ATTR, self.edits)
+
+
 def _head_labels(labels_h: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Per-channel labels from per-head labels: channel d of head h -> label[h] * hd + d."""
     heads = labels_h.shape[0]
@@ -308,14 +332,16 @@ def fold_encoder(
     from ..fold.cluster import cluster
     from ..fold.merge import group_features, merge_group
     from ..fold.plan import plan_widths
-    from ..graph.edits import EDITS_ATTR, get_edits, set_attributes
-    from ..graph.surgery import Snapshot, apply_tensors
+    from ..fold.repairs import get_repair
+    from ..fold.run import write
+    from ..graph.edits import set_attributes
 
     t0 = time.perf_counter()
     config = config if config is not None else FoldConfig()
     if not isinstance(config, FoldConfig):
         raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
-    if config.repair not in ("ar", "none"):
+    repair = get_repair(config.repair)
+    if repair.needs != "nothing" or not repair.families:
         raise ValueError(f"fold_encoder supports repair 'ar' or 'none', not {config.repair!r}")
     check_finite(model)
     groups = groups if groups is not None else encoder_groups(model)
@@ -332,7 +358,7 @@ def fold_encoder(
     costs: dict[str, float] = {}
     for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
         k = widths[g.name]
-        mode = "naive" if g.head_size > 1 or config.repair == "none" else "ar"
+        mode = "naive" if g.head_size > 1 else repair.features
         X = group_features(model, g, mode)
         if g.head_size > 1:
             hd = g.head_size
@@ -361,18 +387,7 @@ def fold_encoder(
         labels_of[g.name], costs[g.name] = labels, c.cost
         merge_group(state, model, g, labels, k, mode)
 
-    touched = sorted(state)
-    snap = Snapshot(model, touched)
-    edits_before = get_edits(model)
-    attn_names = {g.name for g in todo if g.head_size > 1}
-    attn_saved = {
-        n: {
-            a: getattr(model.get_submodule(n), a, None) for a in HEAD_COUNT_ATTRS + HEAD_WIDTH_ATTRS
-        }
-        for n in attn_names
-    }
-    try:
-        apply_tensors(model, state)
+    def sync_heads() -> None:
         for g in todo:
             if g.head_size > 1:
                 m = model.get_submodule(g.name)
@@ -380,16 +395,9 @@ def fold_encoder(
                 attrs = {a: k // g.head_size for a in HEAD_COUNT_ATTRS if hasattr(m, a)}
                 attrs.update({a: k for a in HEAD_WIDTH_ATTRS if hasattr(m, a)})
                 set_attributes(model, g.name, attrs)
-        check_finite(model)
-    except BaseException:
-        snap.restore()
-        for n, saved in attn_saved.items():
-            m = model.get_submodule(n)
-            for a, v in saved.items():
-                if v is not None:
-                    setattr(m, a, v)
-        setattr(model, EDITS_ATTR, edits_before)
-        raise
+
+    heads = _HeadAttrs(model, [g.name for g in todo if g.head_size > 1])
+    write(model, state, sorted(state), then=sync_heads, restore=[heads])
 
     cfg = getattr(model, "config", None)
     mlp_widths = {widths.get(g.name, g.size) for g in groups if g.head_size == 1}

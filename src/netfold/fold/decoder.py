@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 from ..config import LLM_SYNTH_STARTS, FoldConfig
 from ..eval.cost import count_params
 from ..graph.groups import ChannelGroup, HeadGroup
-from ..graph.surgery import Snapshot, apply_tensors, get_module
+from ..graph.surgery import get_module
 from ..report import GroupReport, Report
 from . import llm as L
 from .checks import check_finite, check_patterns
 from .cluster import canonical, cluster
 from .merge import TensorState
 from .plan import width_for
+from .repairs import get_repair
+from .run import write
 from .views import Overlay, Split, write_back
 
 
@@ -464,7 +466,7 @@ def self_generated_ids(
 # ---------------------------------------------------------------------------------- fold
 def _uses_ids(config: FoldConfig, widths: dict[str, int] | None, prune: bool) -> bool:
     """Whether a fold with this config reads calibration token ids when they are given."""
-    if config.repair in ("data", "dir"):
+    if get_repair(config.repair).needs != "nothing":
         return True
     if config.allocation == "cost" and not widths:
         return True
@@ -536,8 +538,12 @@ def fold_decoder(
     t0 = time.perf_counter()
     hooks.check(model)
     check_finite(model)
-    if config.repair == "data" and data is None:
-        raise ValueError("repair='data' needs calibration token ids: pass data=(n, seqlen) ids")
+    repair = get_repair(config.repair)
+    refit = repair.needs != "nothing"  # "data": the given ids; "synthetic": self-generated text
+    if repair.needs == "data" and data is None:
+        raise ValueError(
+            f"repair={config.repair!r} needs calibration token ids: pass data=(n, seqlen) ids"
+        )
     prune = config.method.startswith("magnitude")
     if not prune and config.method != "kmeans" and config.method not in ("greedy",):
         if not config.method.startswith("agglomerative") and config.method != "spectral":
@@ -556,7 +562,7 @@ def fold_decoder(
     check_patterns(groups, config, modules_of=lambda g: g.modules)
     synth_seconds = None
     needs_ids = (
-        config.repair == "dir"
+        repair.needs == "synthetic"
         or (config.allocation == "cost" and not widths)
         or (config.llm.features == "activations" and not prune)
     )
@@ -579,13 +585,13 @@ def fold_decoder(
     feats = "weights" if prune else feature_kind(config, have_ids=data is not None)
     inputs = None
     mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
-    if (config.repair in ("data", "dir") and todo) or (feats == "activations" and mlp_todo):
+    if (refit and todo) or (feats == "activations" and mlp_todo):
         inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
     correction, refits = "none", {}
-    if config.repair in ("data", "dir"):
+    if refit:
         correction = "data"
-    if config.repair == "ar":
-        correction = config.llm.correction
+    elif repair.features == "ar":
+        correction = config.llm.correction  # the "ar" repair's option for decoders
 
     state: TensorState = {}
     costs: dict[str, float] = {}
@@ -621,7 +627,7 @@ def fold_decoder(
             x = inputs[g.name] if inputs is not None else None
             c = _cluster_protected(_mlp_cluster_features(view, g, feats, x), k, prot, config)
             z, how = None, correction
-            if inputs is not None and config.repair in ("data", "dir"):
+            if inputs is not None and refit:
                 z = inputs[g.name]
                 how = _refit_kind(config.llm.refit, z.shape[0], k)
                 refits[g.name] = "full" if how == "data" else "diag"
@@ -634,16 +640,9 @@ def fold_decoder(
             costs[g.name] = c.cost
 
     state = write_back(state, view, splits)
-    snap = Snapshot(model, sorted(state))
-    attrs = hooks.snapshot(model)
-    try:
-        apply_tensors(model, state)
-        hooks.sync(model)
-        check_finite(model)
-    except BaseException:
-        snap.restore()
-        attrs.restore()
-        raise
+    write(
+        model, state, sorted(state), then=lambda: hooks.sync(model), restore=[hooks.snapshot(model)]
+    )
 
     params_after = count_params(model)
     report = Report(

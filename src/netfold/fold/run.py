@@ -1,0 +1,179 @@
+"""The fold pipeline: validate -> plan widths -> features -> cluster -> merge -> write
+(snapshot / rollback) -> repair -> Report.
+
+:func:`run` folds any model whose channel groups are given (or traced); :func:`write` is the
+write step every fold shares (traced models, decoders, encoders): new tensors go in under a
+snapshot, the repair and the checks run, and any failure puts every touched tensor, attribute
+and config back. The pipeline never imports a model family: Hugging Face models reach it
+through :mod:`netfold.api`, which hands over the family's groups and hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import PRUNE_METHODS, FoldConfig
+from ..eval.cost import count_flops, count_params
+from ..graph.groups import ChannelGroup
+from ..graph.surgery import Snapshot, apply_tensors
+from ..graph.trace import find_groups, infer_example_inputs
+from ..report import Report
+from .checks import check_data, check_finite, check_patterns
+from .merge import ColumnShifts, TensorState, merge_group
+from .methods import GroupPlan, plan_group
+from .plan import plan_widths
+from .repairs import RepairContext, get_repair
+
+
+def write(
+    model: nn.Module,
+    state: TensorState,
+    touched: Sequence[str],
+    *,
+    then: Callable[[], Any] | None = None,
+    restore: Sequence[Any] = (),
+) -> Any:
+    """Write ``state`` into ``model`` under a snapshot, run ``then`` and the finiteness check.
+
+    Args:
+        state: ``{module: {tensor: value}}``.
+        touched: every module whose tensors or width attributes may change (snapshotted).
+        then: runs after the write (repair, attribute / config sync, report); its result is
+            returned.
+        restore: further snapshots (objects with ``restore()``: attributes, config) put back
+            on failure.
+
+    Raises:
+        Whatever the write, ``then`` or the check raised, after restoring everything.
+    """
+    snap = Snapshot(model, list(touched))
+    try:
+        apply_tensors(model, state)
+        out = then() if then is not None else None
+        check_finite(model)
+        return out
+    except BaseException:
+        snap.restore()
+        for s in restore:
+            s.restore()
+        raise
+
+
+def run(
+    model: nn.Module,
+    config: FoldConfig,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    data: Any = None,
+    synthetic: torch.Tensor | None = None,
+    groups: list[ChannelGroup] | None = None,
+    progress: bool = False,
+    t0: float | None = None,
+) -> Report:
+    """Fold a traced model (CNN / MLP / timm-style) in place; see :func:`netfold.fold`.
+
+    The repair is the registry entry ``config.repair`` (:mod:`netfold.fold.repairs`): what it
+    needs is checked first, its ``prepare`` runs on the original model, its ``apply`` after
+    the write under the snapshot.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    repair = get_repair(config.repair)
+    check_finite(model)
+    if repair.needs == "data" and data is None:
+        raise ValueError(
+            f"repair={config.repair!r} needs calibration inputs: pass data=... "
+            "(a Tensor, batches or a DataLoader)"
+        )
+    if data is not None and repair.needs != "data":
+        why = "synthesises its own inputs" if repair.needs == "synthetic" else "is data-free"
+        raise ValueError(
+            f"data= is only used by repair='data'; repair={config.repair!r} {why} and would "
+            "ignore it (pass repair='data' to calibrate on it, or drop data=)"
+        )
+    if repair.requires_batchnorm and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ValueError(
+            f"repair={config.repair!r} needs BatchNorm layers (Deep Inversion matches their "
+            "statistics)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+        if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+            raise TypeError("example_inputs must be a Tensor or a non-empty sequence of Tensors")
+    calib = check_data(model, data, example_inputs) if data is not None else None
+    if example_inputs is None:
+        # Calibration data already showed which shape the model runs on; no need to guess.
+        example_inputs = (calib[:2],) if calib is not None else infer_example_inputs(model)
+    if groups is None:
+        groups = find_groups(model, example_inputs)
+    check_patterns(groups, config)
+    mode = repair.features
+    widths = plan_widths(model, groups, config, mode=mode, progress=progress)
+    params_before = count_params(model)
+    one = tuple(t[:1] for t in example_inputs)  # FLOPs are reported per input sample
+    flops_before = count_flops(model, one)
+
+    todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
+    state: TensorState = {}
+    plans: dict[str, GroupPlan] = {}
+    for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
+        plans[g.name] = plan_group(model, g, widths[g.name], config, mode)
+    shifts: ColumnShifts = {}  # consumers of torch.cat read several groups side by side
+    for g in todo:
+        pl = plans[g.name]
+        merge_group(state, model, g, pl.labels, pl.k, mode, pl.rule, shifts=shifts)
+
+    # Everything that needs the ORIGINAL model happens before the write.
+    ctx = RepairContext(
+        model=model,
+        config=config,
+        todo=todo,
+        plans=plans,
+        state=state,
+        example_inputs=example_inputs,
+        batch=calib,
+        synthetic=synthetic,
+        progress=progress,
+    )
+    if todo and repair.prepare is not None:
+        repair.prepare(ctx)
+
+    touched = sorted(
+        ctx.state.keys()
+        | {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    )
+
+    def then() -> Report:
+        if todo and repair.apply is not None:
+            repair.apply(ctx)
+        check_finite(model)
+        report = Report(
+            operation="prune" if config.method in PRUNE_METHODS else "fold",
+            params_before=params_before,
+            params_after=count_params(model),
+            flops_before=flops_before,
+            flops_after=count_flops(model, one) if todo else flops_before,
+            config=config.to_dict(),
+        )
+        report.add_groups(
+            groups,
+            widths,
+            {n: p.cost for n, p in plans.items()},
+            {n: p.labels for n, p in plans.items()},
+        )
+        return report
+
+    # Everything from the first write on runs under the snapshot: a failure in the write, the
+    # repair, the checks or the report puts every touched tensor and attribute back.
+    report = write(model, ctx.state, touched, then=then)
+    report.seconds = time.perf_counter() - t0
+    return report
