@@ -398,7 +398,7 @@ def test_dir_without_batchnorm_rejected():
 
 def test_failure_during_write_rolls_back(monkeypatch):
     """An exception after the write started restores every tensor and width."""
-    import netfold.api as api
+    from netfold.fold import repairs
 
     model = _randomise_bn(build_model("resnet18_cifar", in_channels=1, num_classes=10, width=0.125))
     before = copy.deepcopy(model.state_dict())
@@ -407,7 +407,7 @@ def test_failure_during_write_rolls_back(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated failure during repair")
 
-    monkeypatch.setattr(api, "repair_with_batch", boom)
+    monkeypatch.setattr(repairs, "repair_with_batch", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         netfold.fold(
             model,

@@ -27,6 +27,7 @@ from torchvision.models.shufflenetv2 import channel_shuffle
 
 import netfold
 import netfold.api as api
+from netfold.fold import run as fold_run
 from netfold.graph.surgery import get_module
 
 torch.set_num_threads(1)
@@ -226,13 +227,13 @@ def check_net(spec: list[tuple[str, int]], head: str, seed: int) -> None:
     # a failure right after the first write leaves the model bit-identical
     model = _make(spec, head, seed)
     before, ref = module_state(model), model(x).detach()
-    real = api.apply_tensors
+    real = fold_run.apply_tensors
 
     def write_then_fail(*a, **k):
         real(*a, **k)
         raise RuntimeError("simulated failure after the write")
 
-    with mock.patch.object(api, "apply_tensors", write_then_fail):
+    with mock.patch.object(fold_run, "apply_tensors", write_then_fail):
         try:
             netfold.fold(model, netfold.FoldConfig(ratio=0.5, n_init=1), example_inputs=x)
             assert not any(g.foldable for g in groups)  # nothing written, nothing to fail

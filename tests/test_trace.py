@@ -15,7 +15,7 @@ import torch.nn as nn
 import torchvision
 
 import netfold
-import netfold.api as api
+from netfold.fold import run as fold_run
 from netfold.graph.surgery import get_module
 
 torch.set_num_threads(1)
@@ -456,7 +456,7 @@ def test_failure_after_the_write_leaves_the_model_bit_identical(net, monkeypatch
     before = module_state(copy.deepcopy(model))
     ref = model(x).detach()
     calls = []
-    real = api.count_flops
+    real = fold_run.count_flops
 
     def flaky(*a, **k):  # the first call (before the write) works, the second fails
         calls.append(1)
@@ -464,7 +464,7 @@ def test_failure_after_the_write_leaves_the_model_bit_identical(net, monkeypatch
             raise RuntimeError("simulated failure after the write")
         return real(*a, **k)
 
-    monkeypatch.setattr(api, "count_flops", flaky)
+    monkeypatch.setattr(fold_run, "count_flops", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         netfold.fold(model, netfold.FoldConfig(ratio=0.5, n_init=1), example_inputs=x)
     assert len(calls) == 2

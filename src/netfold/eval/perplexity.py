@@ -104,4 +104,3 @@ def greedy_sample(
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-

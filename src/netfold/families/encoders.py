@@ -329,7 +329,7 @@ def fold_encoder(
     from ..config import FoldConfig
     from ..eval.cost import count_params
     from ..fold.checks import check_finite, check_patterns
-    from ..fold.cluster import cluster
+    from ..fold.cluster import cluster_with
     from ..fold.merge import group_features, merge_group
     from ..fold.plan import plan_widths
     from ..fold.repairs import get_repair
@@ -363,26 +363,10 @@ def fold_encoder(
         if g.head_size > 1:
             hd = g.head_size
             Xh = X.reshape(g.size // hd, -1)  # one row per head: its channels side by side
-            c = cluster(
-                Xh,
-                k // hd,
-                config.method,
-                seed=config.seed,
-                n_init=config.n_init,
-                max_iter=config.max_iter,
-                tol=config.tol,
-            )
+            c = cluster_with(Xh, k // hd, config)
             labels = _head_labels(c.labels, hd)
         else:
-            c = cluster(
-                X,
-                k,
-                config.method,
-                seed=config.seed,
-                n_init=config.n_init,
-                max_iter=config.max_iter,
-                tol=config.tol,
-            )
+            c = cluster_with(X, k, config)
             labels = c.labels
         labels_of[g.name], costs[g.name] = labels, c.cost
         merge_group(state, model, g, labels, k, mode)

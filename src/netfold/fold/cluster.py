@@ -7,6 +7,7 @@ relabelled in order of first appearance so results are canonical and determinist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,3 +150,17 @@ def _fill_empty_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
         labels[members[-1]] = used
         used += 1
     return canonical(labels)
+
+
+def cluster_with(X: torch.Tensor, k: int, config: Any) -> Clustering:
+    """:func:`cluster` with a FoldConfig's method, seed, n_init, max_iter and tol: the one
+    clustering call every fold makes (traced groups, decoder MLPs and heads, encoder heads)."""
+    return cluster(
+        X,
+        k,
+        config.method,
+        seed=config.seed,
+        n_init=config.n_init,
+        max_iter=config.max_iter,
+        tol=config.tol,
+    )

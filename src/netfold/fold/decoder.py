@@ -26,9 +26,9 @@ from ..graph.surgery import get_module
 from ..report import GroupReport, Report
 from . import llm as L
 from .checks import check_finite, check_patterns
-from .cluster import canonical, cluster
+from .cluster import canonical, cluster_with
 from .merge import TensorState
-from .plan import width_for
+from .plan import MAX_RATIO, bisect_ratio, width_for
 from .repairs import get_repair
 from .run import write
 from .views import Overlay, Split, write_back
@@ -190,25 +190,12 @@ def plan_llm_widths(
                 res[g.name] = width_at(g, rr, config)
         return res
 
-    if params_with(model, groups, at(1.0 - 1e-9), view) > target_params:
+    if params_with(model, groups, at(MAX_RATIO), view) > target_params:
         raise ValueError(
             f"target_sparsity {config.target_sparsity:.3f} (of non-embedding parameters) is "
             "unreachable with the groups allowed to fold"
         )
-    lo, hi = 0.0, 1.0 - 1e-9
-    best, best_err = at(0.0), math.inf
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        w = at(mid)
-        p = params_with(model, groups, w, view)
-        err = abs(p - target_params)
-        if err < best_err:
-            best, best_err = w, err
-        if p > target_params:
-            lo = mid
-        else:
-            hi = mid
-    return best
+    return at(bisect_ratio(lambda r: params_with(model, groups, at(r), view), target_params))
 
 
 ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -712,12 +699,5 @@ def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: Fold
 
 
 def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
-    return cluster(
-        X.float() if X.shape[0] > 64 else X,
-        k,
-        config.method,
-        seed=config.seed,
-        n_init=config.n_init,
-        max_iter=config.max_iter,
-        tol=config.tol,
-    )
+    # float32 distances once there are enough rows for it to matter (a 7B MLP layer)
+    return cluster_with(X.float() if X.shape[0] > 64 else X, k, config)

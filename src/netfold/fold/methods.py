@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..config import CLUSTER_METHODS, MERGE_BASELINES, PRUNE_METHODS, FoldConfig
 from ..graph.groups import ChannelGroup
-from .cluster import cluster, folding_cost
+from .cluster import cluster_with, folding_cost
 from .ifm import ifm_labels
 from .magnitude import magnitude_scores, top_k_labels
 from .merge import group_features
@@ -92,13 +92,5 @@ def _plan_block(
     if method not in CLUSTER_METHODS:
         raise ValueError(f"unknown method {method!r}")
     X = group_features(model, group, mode)[rows]
-    c = cluster(
-        X,
-        k,
-        method,
-        seed=config.seed,
-        n_init=config.n_init,
-        max_iter=config.max_iter,
-        tol=config.tol,
-    )
+    c = cluster_with(X, k, config)
     return GroupPlan(c.labels, k, "fold", c.cost)

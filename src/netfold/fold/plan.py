@@ -7,6 +7,7 @@ One ratio -> width rule (:func:`width_for`), one parameter count after a plan
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fnmatch import fnmatch
 
 import torch.nn as nn
@@ -135,6 +136,33 @@ def _aligned(g: ChannelGroup, k: int) -> int:
     return min(g.size, max(g.align, int(round(k / g.align)) * g.align))
 
 
+MAX_RATIO = 1.0 - 1e-9
+
+
+def bisect_ratio(
+    params_at: Callable[[float], float], target_params: float, steps: int = 40
+) -> float:
+    """The ratio in [0, 1) whose plan comes closest to ``target_params`` parameters.
+
+    The one bisection of every planner (traced groups and decoder groups alike):
+    ``params_at(r)`` (parameters after folding every allowed group at ratio ``r``) is
+    non-increasing in ``r``; ``steps`` halvings of [0, 1), keeping the closest ratio seen
+    (ratio 0 included). Reachability is the caller's check.
+    """
+    lo, hi = 0.0, MAX_RATIO
+    best_r, best_err = 0.0, abs(params_at(0.0) - target_params)
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        p = params_at(mid)
+        if abs(p - target_params) < best_err:
+            best_r, best_err = mid, abs(p - target_params)
+        if p > target_params:
+            lo = mid
+        else:
+            hi = mid
+    return best_r
+
+
 def _uniform_ratio(
     model: nn.Module, groups: list[ChannelGroup], config: FoldConfig, target: float
 ) -> float:
@@ -144,25 +172,16 @@ def _uniform_ratio(
     def sparsity(r: float) -> float:
         return 1.0 - params_after(model, groups, _widths_at(groups, config, r)) / total
 
-    hi_r = 1.0 - 1e-9
-    max_sp = sparsity(hi_r)
+    max_sp = sparsity(MAX_RATIO)
     if target > max_sp + 1e-9:
         raise ValueError(
             f"target_sparsity {target:.3f} is unreachable: folding every foldable group to "
             f"min_channels={config.min_channels} removes only {max_sp:.3f} of the parameters"
         )
-    lo, hi = 0.0, hi_r
-    best_r, best_err = 0.0, abs(sparsity(0.0) - target)
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        s = sparsity(mid)
-        if abs(s - target) < best_err:
-            best_r, best_err = mid, abs(s - target)
-        if s < target:
-            lo = mid
-        else:
-            hi = mid
-    return best_r
+    return bisect_ratio(
+        lambda r: params_after(model, groups, _widths_at(groups, config, r)),
+        total * (1.0 - target),
+    )
 
 
 def _cost_widths(
