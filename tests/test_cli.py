@@ -6,7 +6,6 @@ Run: PYTHONPATH=$PWD/src .venv/bin/pytest -q tests/test_cli.py
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -15,6 +14,7 @@ import torch
 
 import netfold
 import netfold.cli as cli
+from netfold import hub
 from netfold import FoldConfig
 from netfold.eval.cost import count_params
 from netfold.io import build
@@ -47,7 +47,7 @@ def _forbid_work(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("the model was loaded although the arguments were invalid")
 
-    monkeypatch.setattr(cli, "load_any", boom)
+    monkeypatch.setattr(hub, "load", boom)
 
 
 # ------------------------------------------------------------------------------- fold
@@ -270,14 +270,14 @@ def _have_fashion_mnist() -> bool:
 @pytest.mark.real
 @pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not installed")
 def test_eval_fashion_mnist_and_a_model_it_does_not_fit(saved_cnn, tmp_path, capsys) -> None:
-    assert cli.main(["eval", str(saved_cnn)]) == 0
+    assert cli.main(["eval", str(saved_cnn), "--data", "fashion-mnist"]) == 0
     out = capsys.readouterr().out
     assert "FLOPs" in out and "on fashion-mnist test (10000 images)" in out
     acc = float(out.split("accuracy ")[1].split("%")[0])
     assert 0.0 <= acc <= 100.0
     rgb = tmp_path / "rgb"
     netfold.save(build("netfold:small_cnn", {"in_channels": 3, **ARCH}), rgb)
-    assert cli.main(["eval", str(rgb)]) == 2
+    assert cli.main(["eval", str(rgb), "--data", "fashion-mnist"]) == 2
     assert "--data fashion-mnist inputs of shape (1, 1, 32, 32) do not fit" in _err(capsys)
 
 
@@ -297,13 +297,10 @@ def test_export_bad_outputs_and_models_exit_2(tmp_path, capsys, monkeypatch) -> 
     pytest.importorskip("onnx")
     out = tmp_path / "m.onnx"
     out.write_bytes(b"not a model")
-    # netfold.fuse is also the name of a function on the package: import the module by path
-    fh = importlib.import_module("netfold.fuse.cli_handlers")
-
     def boom(*a, **k):
         raise AssertionError("loaded a model although --onnx cannot be written")
 
-    monkeypatch.setattr(fh, "load_model", boom)
+    monkeypatch.setattr(hub, "load", boom)
     assert cli.main(["export", "resnet18", "--onnx", str(tmp_path)]) == 2
     assert "--onnx" in (line := _err(capsys)) and "existing directory" in line
     assert cli.main(["export", "resnet18", "--onnx", str(out / "x.onnx")]) == 2
