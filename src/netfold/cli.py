@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

@@ -260,9 +260,10 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             workdir=args.workdir or tmp,
             model_name=args.model,
         )
-    result["command"] = (
-        " ".join(["netfold", *sys.argv[1:]]) if sys.argv else "netfold bench-latency"
-    )
+    # main() records the line it parsed (sys.argv is the caller's when main(argv) is called).
+    argv = getattr(args, "argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    result["command"] = " ".join(["netfold", *argv])
     print(format_latency_table(result))
     if args.json:
         from ..atomic import write_json
