@@ -559,3 +559,36 @@ def test_chain_folded_tiny_llama_hf_folder(tmp_path, capsys) -> None:
         dense_logits = dense(input_ids=ids, use_cache=False).logits.numpy()
     assert abs(got - dense_logits).max() > 1e-3  # negative control: the unfolded model differs
     _check_bench(r["bench"], str(r["folded"]))
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: the ONNX exporter, twice
+def test_chain_small_cnn_saved_in_bf16(saved_cnn, tmp_path, capsys) -> None:
+    """The fast chain: a bf16 save exports and benchmarks in float32, at its recorded shape."""
+    pytest.importorskip("onnxruntime")
+    r = _chain(str(saved_cnn), tmp_path, capsys, ["--ratio", "0.5", "--dtype", "bf16"], [])
+    assert "dtype bfloat16" in r["eval"] and _params_line(r["eval"]) == 2_886
+    assert "input shape (1, 32, 32) (recorded by netfold fold)" in r["export"]
+    model, _, info = hub.load(str(r["folded"]), dtype="fp32")
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    (got,) = _ort_outputs(r["onnx"], {"x": x.numpy()})
+    assert abs(got - ref).max() < 1e-4  # measured ~3e-8: the same bf16 values in float32
+    _check_bench(r["bench"], str(r["folded"]))
+
+
+def test_fold_then_eval_and_bench_latency_without_onnx(saved_cnn, tmp_path, capsys) -> None:
+    """The chain's fast part: what fold writes, eval and bench-latency read (no exporter)."""
+    folded, bench = tmp_path / "folded", tmp_path / "b.json"
+    assert cli.main(["fold", str(saved_cnn), "--input-shape", "1,24,24", "--out", str(folded)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(folded)]) == 0
+    out = capsys.readouterr().out
+    assert "input shape (1, 24, 24) (recorded by netfold fold)" in out
+    assert _params_line(out) == 2_886
+    fast = ["--batch", "2", "--paths", "eager,fused", "--repeats", "1", "--warmup", "0"]
+    assert cli.main(["bench-latency", str(folded), *fast, "--json", str(bench)]) == 0
+    assert "input shape (1, 24, 24) (recorded by netfold fold)" in capsys.readouterr().out
+    b2 = json.loads(bench.read_text())["batches"]["2"]
+    assert set(b2["latency"]) == {"eager", "fused"}
+    assert b2["max_abs_err"]["fused"] < 1e-4
