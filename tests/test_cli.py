@@ -592,3 +592,42 @@ def test_fold_then_eval_and_bench_latency_without_onnx(saved_cnn, tmp_path, caps
     b2 = json.loads(bench.read_text())["batches"]["2"]
     assert set(b2["latency"]) == {"eager", "fused"}
     assert b2["max_abs_err"]["fused"] < 1e-4
+
+
+def test_fold_and_eval_an_encoder_folder(tmp_path, capsys) -> None:
+    """A BERT folder (config names BertModel): folded heads reload through the netfold format."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        architectures=["BertModel"],
+    )
+    dense = transformers.BertModel(cfg).eval()
+    dense.save_pretrained(tmp_path / "bert")
+    out = tmp_path / "out"
+    assert cli.main(["fold", str(tmp_path / "bert"), "--ratio", "0.5", "--out", str(out)]) == 0
+    assert (out / "netfold.json").is_file()
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    folded, _, info = hub.load(str(out))
+    assert info.kind == "tokens" and type(folded).__name__ == "BertModel"
+    assert _params_line(capsys.readouterr().out) == count_params(folded) < count_params(dense)
+    ref = hub.load(str(tmp_path / "bert"))[0]
+    netfold.fold(ref, FoldConfig(ratio=0.5, llm=folded_llm_config()))  # what the CLI ran
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = folded(ids).last_hidden_state, ref(ids).last_hidden_state
+        assert (got - dense(ids).last_hidden_state).abs().max() > 1e-3  # negative control
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def folded_llm_config():
+    """The LLM options of ``netfold fold`` at their defaults."""
+    from netfold.config import LLMConfig
+
+    return LLMConfig(heads="query", correction="lsq", features="auto", synth_start="random")

@@ -268,7 +268,15 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
         )
     if args.out:
         model = _save_dtype(model, args.dtype)
-        d = save_pretrained(model, args.out, tok, metadata={"report": report.to_dict()})
+        metadata = {"report": report.to_dict()}
+        if getattr(model, io.ARCH_ATTR, None) is not None:
+            # Encoders with folded heads are marked for the netfold format, which replays the
+            # head edits on load (stock from_pretrained would refuse the folded shapes).
+            d = io.save(model, args.out, metadata=metadata)
+            if tok is not None:
+                tok.save_pretrained(d)  # beside a complete save: hub.load picks it up
+        else:
+            d = save_pretrained(model, args.out, tok, metadata=metadata)
         note = config_extension(d)
         print(f"saved to {args.out} ({_dtype_name(model)})" + (f" ({note})" if note else ""))
     return 0
