@@ -17,7 +17,10 @@ Specs, tried in this order:
   (``HF_HUB_OFFLINE=1``) or without network it fails at once, naming the cause.
 
 Nothing read from a file decides what code runs: architectures come from the registry,
-Hugging Face configs asking for remote code are refused, only safetensors weights are read.
+Hugging Face configs asking for remote code are refused, only safetensors weights are read. A
+save naming ``timm:NAME`` registers only that name's builder, only when timm lists NAME, and
+the builder refuses the kwargs that would read or fetch weights (``pretrained``,
+``checkpoint_path``, ``pretrained_cfg*``, ``cache_dir``) — as torchvision names are handled.
 
 The returned :class:`LoadInfo` says what kind of input the model takes (image-like tensors
 of ``input_shape`` or token ids) and where that shape came from: recorded in the save by
