@@ -21,8 +21,6 @@ from netfold.fuse.cli_handlers import randomize_bn
 from netfold.graph.surgery import get_module
 from netfold.models import build_model
 
-torch.set_num_threads(2)
-
 BASELINES = ["magnitude-l1", "magnitude-l2", "ifm"]
 
 

@@ -17,8 +17,6 @@ import netfold
 from netfold.graph.surgery import get_module
 from netfold.models import build_model
 
-torch.set_num_threads(2)
-
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
