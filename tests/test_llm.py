@@ -510,3 +510,98 @@ def test_hidden_size_fold_script_is_exact_on_planted_duplicates():
     labels = torch.unique(labels, return_inverse=True)[1]
     mod.fold_hidden(model, labels, 31)
     assert (logits(model, X) - ref).abs().max() > 1e-3
+
+
+# ------------------------------------------------------- GQA layout with several heads per group
+def _gqa_model(heads: int, kv_heads: int) -> torch.nn.Module:
+    """A float64 Llama with ``heads`` query heads over ``kv_heads`` KV heads, heads that matter."""
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=HD,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():  # O(1) weights: every head visibly shapes the logits
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[-1] ** 0.5)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model
+
+
+def _copy_heads(w: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    for src, dst in pairs:
+        w[dst * HD : (dst + 1) * HD] = w[src * HD : (src + 1) * HD]
+
+
+def _interleaved_head_maps(hg, block_labels, k_units):
+    """The wrong layout: merged query heads interleaved across KV groups (cluster c of group j
+    placed at c * nkv + j) instead of contiguous per KV group. Negative control only."""
+    from netfold.fold.llm import cluster_matrices
+
+    nh, nkv, gs = hg.num_heads, hg.num_kv_heads, hg.group_size
+    DT64 = torch.float64
+    if hg.effective_unit == "query":
+        q_labels = torch.cat([lab * nkv + j for j, lab in enumerate(block_labels)])
+        U_q, A_q = cluster_matrices(q_labels, nkv * k_units, DT64)
+        U_kv, A_kv = cluster_matrices(torch.arange(nkv), nkv, DT64)
+    else:
+        kv_labels = block_labels[0]
+        U_kv, A_kv = cluster_matrices(kv_labels, k_units, DT64)
+        q_labels = (torch.arange(gs)[None, :] * k_units + kv_labels[:, None]).reshape(nh)
+        U_q, A_q = cluster_matrices(q_labels, k_units * gs, DT64)
+    return U_q, A_q, U_kv, A_kv
+
+
+@pytest.mark.parametrize(
+    "unit, heads, kv_heads, new_heads, new_kv",
+    [("query", 8, 2, 4, 2), ("kv", 8, 4, 4, 2)],
+)
+def test_gqa_planted_duplicates_keep_several_heads_per_kv_group(
+    unit, heads, kv_heads, new_heads, new_kv, monkeypatch
+):
+    """Several kept query heads per KV group: merged heads must stay contiguous per group.
+
+    With one kept head per group (the other planted-duplicate tests) the contiguous and the
+    interleaved layouts coincide; here they do not (SmolLM2's 9/3 -> 6/3 is this case). Exact
+    in float64 to 1e-10, and the interleaved layout must miss by far more.
+    """
+    model = _gqa_model(heads, kv_heads)
+    gs = heads // kv_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            a = layer.self_attn
+            if unit == "query":  # in every KV group, head 2i+1 copies head 2i
+                _copy_heads(a.q_proj.weight, [(h, h + 1) for h in range(0, heads, 2)])
+            else:  # KV head 2j+1 (with its query heads) copies KV head 2j
+                for j in range(0, kv_heads, 2):
+                    _copy_heads(a.k_proj.weight, [(j, j + 1)])
+                    _copy_heads(a.v_proj.weight, [(j, j + 1)])
+                    _copy_heads(a.q_proj.weight, [(j * gs + i, (j + 1) * gs + i) for i in range(gs)])
+    ref = logits(model, X)
+    wrong = copy.deepcopy(model)
+    cfg = FoldConfig(
+        ratio=0.5, repair="none", llm=LLMConfig(heads=unit, fold_mlp=False, correction="none")
+    )
+    netfold.fold(model, cfg)
+    w = fam.layer_widths(model)[0]
+    assert (w["num_attention_heads"], w["num_key_value_heads"]) == (new_heads, new_kv)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+    assert (logits(model, X) - ref).abs().max() < 1e-10
+    # negative control: the interleaved layout, same clusters, same everything else
+    import importlib
+
+    monkeypatch.setattr(
+        importlib.import_module("netfold.fold.llm"), "head_maps", _interleaved_head_maps
+    )
+    netfold.fold(wrong, cfg)
+    assert (logits(wrong, X) - ref).abs().max() > 1e-2
