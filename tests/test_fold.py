@@ -441,3 +441,195 @@ def test_unknown_op_freezes_group_and_reports_it():
     assert model.a.out_features == 8 and model.out.in_features == 24
     assert model.c.out_features == 4 and model.d.in_features == 4  # c's group is independent
     assert model(torch.randn(3, 6)).shape == (3, 3)
+
+
+# ---------------------------------------------------------------- merge: float64 reference
+def _merge_model() -> nn.Module:
+    """conv -> BN -> PReLU -> depthwise conv -> BN -> flatten -> Linear (4 columns per
+    channel), and a BN-free Linear -> Linear pair; float64, trained-like BN statistics."""
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.conv = nn.Conv2d(3, 8, 3, bias=True)
+    m.bn = nn.BatchNorm2d(8, eps=1e-3)
+    m.act = nn.PReLU(8)
+    m.dw = nn.Conv2d(8, 8, 3, groups=8, bias=True)
+    m.bn2 = nn.BatchNorm2d(8)
+    m.fc = nn.Linear(8 * 4, 5)
+    m.lin1 = nn.Linear(6, 7)
+    m.lin2 = nn.Linear(7, 3)
+    m = m.double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m.bn, m.bn2):
+            bn.weight.copy_(0.5 + torch.rand(8, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+            bn.running_mean.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(0.1 + 3 * torch.rand(8, generator=g, dtype=torch.float64))
+        m.act.weight.copy_(torch.rand(8, generator=g, dtype=torch.float64))
+        # correlated members (mean cosine ~0.8, inside the AR clamp) and an anti-correlated
+        # pair (negative mean cosine, clamped to 0) so every branch of the AR scale matters
+        for layer, same, anti in ((m.conv, [0, 2, 5], [1, 4]), (m.lin1, [0, 3, 6], [1, 2])):
+            w = layer.weight
+            base = w[same[0]].clone()
+            for i in same:
+                w[i] = (
+                    base
+                    + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64) * base.std()
+                )
+            w[anti[1]] = (
+                -w[anti[0]]
+                + 0.1 * torch.randn(base.shape, generator=g, dtype=torch.float64) * base.std()
+            )
+    return m.eval()
+
+
+def _merge_groups():
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    conv = ChannelGroup(
+        name="conv",
+        size=8,
+        producers=["conv"],
+        channel_ops=["bn", "act", "dw", "bn2"],
+        consumers=[Consumer("fc", 4)],
+        bn_of={"conv": "bn"},
+    )
+    lin = ChannelGroup(name="lin1", size=7, producers=["lin1"], consumers=[Consumer("lin2", 1)])
+    return conv, lin
+
+
+CONV_LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])  # clusters of 3, 2 and 3 channels
+LIN_LABELS = torch.tensor([0, 1, 1, 0, 2, 1, 0])  # 3, 3 and 1
+
+
+def _members(labels: torch.Tensor) -> list[list[int]]:
+    return [
+        [i for i in range(len(labels)) if int(labels[i]) == c] for c in range(int(labels.max()) + 1)
+    ]
+
+
+def _mean_cos(rows: list[torch.Tensor]) -> float:
+    """Mean cosine similarity over ordered pairs i != j (1 for a single row)."""
+    if len(rows) == 1:
+        return 1.0
+    vals = []
+    for i, a in enumerate(rows):
+        for j, b in enumerate(rows):
+            if i != j:
+                vals.append(float(a.flatten() @ b.flatten() / (a.norm() * b.norm())))
+    return sum(vals) / len(vals)
+
+
+def _reference_merge(m: nn.Module, mode: str, bn_var: str = "inverse_sigma") -> dict:
+    """The merged tensors written out member by member from ALGORITHMS.md, loop by loop.
+
+    ``bn_var``: "inverse_sigma" (the merged channel normalises by the mean of its members'
+    1 / sigma) or "mean_var" (the wrong rule, a negative control).
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def mean(ts):
+        return sum(ts) / len(ts)
+
+    cl = _members(CONV_LABELS)
+    sig = [math.sqrt(float(m.bn.running_var[i]) + m.bn.eps) for i in range(8)]
+    W, b = m.conv.weight.detach(), m.conv.bias.detach()
+    if mode == "ar":  # BN normalisation folded into the conv first
+        out["conv"] = {
+            "weight": torch.stack([mean([W[i] / sig[i] for i in c]) for c in cl]),
+            "bias": torch.stack([mean([b[i] / sig[i] for i in c]) for c in cl]),
+        }
+    else:
+        out["conv"] = {
+            "weight": torch.stack([mean([W[i] for i in c]) for c in cl]),
+            "bias": torch.stack([mean([b[i] for i in c]) for c in cl]),
+        }
+    for name in ("bn", "bn2"):
+        bn = getattr(m, name)
+        s = [math.sqrt(float(bn.running_var[i]) + bn.eps) for i in range(8)]
+        gamma = torch.stack([mean([bn.weight[i] for i in c]) for c in cl]).detach()
+        if mode == "ar" and name == "bn":
+            mu = torch.tensor(
+                [mean([float(bn.running_mean[i]) / s[i] for i in c]) for c in cl],
+                dtype=torch.float64,
+            )
+            var = torch.full((3,), 1.0 - bn.eps, dtype=torch.float64)
+            scale = [
+                math.sqrt(
+                    len(c) / (1 + (len(c) - 1) * min(max(_mean_cos([W[i] for i in c]), 0), 1))
+                )
+                for c in cl
+            ]
+            gamma = gamma * torch.tensor(scale, dtype=torch.float64)
+        else:
+            mu = torch.tensor(
+                [mean([float(bn.running_mean[i]) for i in c]) for c in cl], dtype=torch.float64
+            )
+            if bn_var == "inverse_sigma":
+                var = torch.tensor(
+                    [1.0 / mean([1.0 / s[i] for i in c]) ** 2 - bn.eps for c in cl],
+                    dtype=torch.float64,
+                )
+            else:
+                var = torch.tensor(
+                    [mean([float(bn.running_var[i]) for i in c]) for c in cl], dtype=torch.float64
+                )
+        out[name] = {
+            "weight": gamma,
+            "bias": torch.stack([mean([bn.bias[i] for i in c]) for c in cl]).detach(),
+            "running_mean": mu.double(),
+            "running_var": var.double(),
+        }
+    out["act"] = {"weight": torch.stack([mean([m.act.weight[i] for i in c]) for c in cl]).detach()}
+    out["dw"] = {
+        "weight": torch.stack([mean([m.dw.weight[i] for i in c]) for c in cl]).detach(),
+        "bias": torch.stack([mean([m.dw.bias[i] for i in c]) for c in cl]).detach(),
+    }
+    F = m.fc.weight.detach().reshape(5, 8, 4)  # channel i owns columns 4i..4i+3 (flatten)
+    out["fc"] = {"weight": torch.stack([sum(F[:, i] for i in c) for c in cl], 1).reshape(5, 12)}
+    ll = _members(LIN_LABELS)
+    W1, b1 = m.lin1.weight.detach(), m.lin1.bias.detach()
+    rows = []
+    for c in ll:
+        r = mean([W1[i] for i in c])
+        if mode == "ar":  # no BN: merged row keeps the members' mean squared norm
+            f = math.sqrt(mean([float(W1[i] @ W1[i]) for i in c]) / float(r @ r))
+            r = r * min(max(f, 1.0), math.sqrt(len(c)))
+        rows.append(r)
+    out["lin1"] = {
+        "weight": torch.stack(rows),
+        "bias": torch.stack([mean([b1[i] for i in c]) for c in ll]),
+    }
+    W2 = m.lin2.weight.detach()
+    out["lin2"] = {"weight": torch.stack([sum(W2[:, i] for i in c) for c in ll], 1)}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["naive", "ar"])
+def test_merge_matches_float64_reference_for_every_tensor_kind(mode):
+    from netfold.fold.merge import merge_group
+
+    m = _merge_model()
+    before = copy.deepcopy(m.state_dict())
+    conv, lin = _merge_groups()
+    state: dict = {}
+    merge_group(state, m, conv, CONV_LABELS, 3, mode)
+    merge_group(state, m, lin, LIN_LABELS, 3, mode)
+    assert _state_equal(m.state_dict(), before)  # functional: the model is untouched
+    ref = _reference_merge(m, mode)
+    assert set(state) == set(ref)
+    for mod, tensors in ref.items():
+        assert set(state[mod]) == set(tensors), mod
+        for t, want in tensors.items():
+            got = state[mod][t]
+            assert got.dtype == torch.float64 and got.shape == want.shape, (mod, t)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{mod}.{t}")
+    # negative control: the mean-variance BN rule is measurably different from the code's
+    wrong = _reference_merge(m, mode, bn_var="mean_var")
+    assert (wrong["bn2"]["running_var"] - state["bn2"]["running_var"]).abs().max() > 1e-2
+    if mode == "ar":  # the Fold-AR scale is really applied (> 1 for these clusters)
+        plain = _reference_merge(m, "naive")
+        gain = state["bn"]["weight"] / plain["bn"]["weight"]
+        assert 1.02 < float(gain[0]) < 1.3 and float(gain[1]) == pytest.approx(2**0.5, rel=1e-12)
+        f = state["lin1"]["weight"].norm(dim=1) / plain["lin1"]["weight"].norm(dim=1)
+        assert 1.02 < float(f[0]) < 1.3 and float(f[2]) == pytest.approx(1.0, rel=1e-12)

@@ -586,7 +586,9 @@ def test_gqa_planted_duplicates_keep_several_heads_per_kv_group(
                 for j in range(0, kv_heads, 2):
                     _copy_heads(a.k_proj.weight, [(j, j + 1)])
                     _copy_heads(a.v_proj.weight, [(j, j + 1)])
-                    _copy_heads(a.q_proj.weight, [(j * gs + i, (j + 1) * gs + i) for i in range(gs)])
+                    _copy_heads(
+                        a.q_proj.weight, [(j * gs + i, (j + 1) * gs + i) for i in range(gs)]
+                    )
     ref = logits(model, X)
     wrong = copy.deepcopy(model)
     cfg = FoldConfig(
