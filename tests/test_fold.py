@@ -633,3 +633,91 @@ def test_merge_matches_float64_reference_for_every_tensor_kind(mode):
         assert 1.02 < float(gain[0]) < 1.3 and float(gain[1]) == pytest.approx(2**0.5, rel=1e-12)
         f = state["lin1"]["weight"].norm(dim=1) / plain["lin1"]["weight"].norm(dim=1)
         assert 1.02 < float(f[0]) < 1.3 and float(f[2]) == pytest.approx(1.0, rel=1e-12)
+
+
+# ---------------------------------------------------------------- repair on trained-like BN
+def _trained_like_cnn() -> nn.Sequential:
+    """float64 conv-BN-ReLU-conv-BN-ReLU-pool-Linear with BN statistics far from 0/1 and
+    ``num_batches_tracked`` > 0, as after training."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    ).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            n = bn.num_features
+            bn.running_mean.copy_(3.0 + torch.randn(n, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(5.0 + 4 * torch.rand(n, generator=g, dtype=torch.float64))
+            bn.weight.copy_(0.5 + torch.rand(n, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(n, generator=g, dtype=torch.float64))
+            bn.num_batches_tracked.fill_(37)
+            bn.momentum = 0.1
+    return m.eval()
+
+
+def test_repair_with_batch_reestimates_bn_statistics_and_fuses_repair():
+    """After the repair pass each BN's running stats are exactly the batch statistics of its
+    input (cumulative average restarted at 0), computed here independently in float64, and
+    the REPAIR correction of a BN-free producer is fused into its weight and bias."""
+    import torch.nn.functional as F
+
+    from netfold.fold.repair import repair_with_batch
+
+    m = _trained_like_cnn()
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tmean = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    tstd = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    W8, b8 = m[8].weight.detach().clone(), m[8].bias.detach().clone()
+
+    # independent forward in train-mode BN semantics (batch statistics, biased variance)
+    def bn_train(h, bn):
+        mu = h.mean((0, 2, 3))
+        var_b = h.var((0, 2, 3), unbiased=False)
+        y = (h - mu[:, None, None]) / torch.sqrt(var_b + bn.eps)[:, None, None]
+        return y * bn.weight.detach()[:, None, None] + bn.bias.detach()[:, None, None], mu, h.var(
+            (0, 2, 3), unbiased=True
+        )
+
+    h1 = F.conv2d(x, m[0].weight.detach(), m[0].bias.detach(), padding=1)
+    y1, mu1, var1 = bn_train(h1, m[1])
+    h2 = F.conv2d(F.relu(y1), m[3].weight.detach(), m[3].bias.detach(), padding=1)
+    y2, mu2, var2 = bn_train(h2, m[4])
+    z = F.relu(y2).mean((2, 3)) @ W8.t() + b8
+    scale = tstd / z.std(0, unbiased=False)
+    shift = tmean - z.mean(0) * scale
+
+    snapshot = dict(m.state_dict())  # references, as a rollback snapshot would hold them
+    copies = {k: v.clone() for k, v in snapshot.items()}
+    report = repair_with_batch(m, x, {"8": (tmean, tstd)})
+    assert _state_equal(snapshot, copies)  # fresh buffers: the old tensors are not written
+    for bn, mu, var in ((m[1], mu1, var1), (m[4], mu2, var2)):
+        torch.testing.assert_close(bn.running_mean, mu, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-10)
+        assert int(bn.num_batches_tracked) == 1
+        assert bn.momentum == 0.1 and not bn.training  # settings restored
+    assert not m.training
+    torch.testing.assert_close(m[8].weight, W8 * scale[:, None], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m[8].bias, b8 * scale + shift, rtol=1e-10, atol=1e-10)
+    assert report["8"] == pytest.approx(float(scale.log().abs().mean()), rel=1e-9)
+    # negative control: a stale count (no reset) would average with the old statistics
+    stale = mu1 / 38.0
+    assert (m[1].running_mean - stale).abs().max() > 0.1
+
+
+def test_repair_without_reset_keeps_bn_statistics():
+    from netfold.fold.repair import repair_with_batch
+
+    m = _trained_like_cnn()
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    repair_with_batch(m, x, {}, reset_bn=False)
+    assert _state_equal(m.state_dict(), before)
