@@ -683,8 +683,10 @@ def test_repair_with_batch_reestimates_bn_statistics_and_fuses_repair():
         mu = h.mean((0, 2, 3))
         var_b = h.var((0, 2, 3), unbiased=False)
         y = (h - mu[:, None, None]) / torch.sqrt(var_b + bn.eps)[:, None, None]
-        return y * bn.weight.detach()[:, None, None] + bn.bias.detach()[:, None, None], mu, h.var(
-            (0, 2, 3), unbiased=True
+        return (
+            y * bn.weight.detach()[:, None, None] + bn.bias.detach()[:, None, None],
+            mu,
+            h.var((0, 2, 3), unbiased=True),
         )
 
     h1 = F.conv2d(x, m[0].weight.detach(), m[0].bias.detach(), padding=1)
@@ -721,3 +723,73 @@ def test_repair_without_reset_keeps_bn_statistics():
     x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     repair_with_batch(m, x, {}, reset_bn=False)
     assert _state_equal(m.state_dict(), before)
+
+
+@pytest.mark.parametrize("mode", ["naive", "ar"])
+def test_group_features_layout_matches_reference(mode):
+    """The clustering features, column block by column block, from ALGORITHMS.md: producer
+    rows (divided by the paired BN's sigma for Fold-AR) and bias, per-channel BN/PReLU/
+    depthwise parameters, 1/sigma of unpaired BNs, consumer columns (all ``repeat`` columns
+    of a channel in one row)."""
+    from netfold.fold.merge import group_features
+
+    m = _merge_model()
+    conv, lin = _merge_groups()
+    got = group_features(m, conv, mode)
+    W = m.conv.weight.detach().reshape(8, -1)
+    b = m.conv.bias.detach()
+    s1 = torch.sqrt(m.bn.running_var + m.bn.eps)
+    s2 = torch.sqrt(m.bn2.running_var + m.bn2.eps)
+    blocks = [W / s1[:, None], (b / s1)[:, None]] if mode == "ar" else [W, b[:, None]]
+    blocks += [m.bn.weight[:, None], m.bn.bias[:, None]]
+    if mode != "ar":
+        blocks.append((1 / s1)[:, None])
+    blocks += [m.act.weight[:, None], m.dw.weight.reshape(8, -1), m.dw.bias[:, None]]
+    blocks += [m.bn2.weight[:, None], m.bn2.bias[:, None], (1 / s2)[:, None]]
+    F = m.fc.weight.detach().reshape(5, 8, 4)
+    blocks.append(torch.stack([F[:, i].reshape(-1) for i in range(8)]))
+    want = torch.cat([t.detach() for t in blocks], 1)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = group_features(m, lin, mode)
+    want = torch.cat([m.lin1.weight, m.lin1.bias[:, None], m.lin2.weight.t()], 1).detach()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_collect_inputs_accepts_tensors_batches_and_loaders():
+    from netfold.fold.repair import collect_inputs
+
+    x = torch.arange(40.0).reshape(10, 4)
+    y = torch.arange(10)
+    assert torch.equal(collect_inputs(x, max_samples=3), x[:3])
+    assert torch.equal(collect_inputs((x, y)), x)  # one (x, y) batch
+    assert torch.equal(collect_inputs([x[:4], x[4:]]), x)
+    assert torch.equal(collect_inputs([(x[:4], y[:4]), (x[4:], y[4:])], max_samples=6), x[:6])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    assert torch.equal(collect_inputs(loader, max_samples=5), x[:5])
+    assert torch.equal(collect_inputs(loader, max_samples=6), x[:6])
+    with pytest.raises(ValueError, match="no data"):
+        collect_inputs(None)
+    with pytest.raises(ValueError, match="empty"):
+        collect_inputs([])
+    with pytest.raises(TypeError, match="data must be"):
+        collect_inputs(3)
+    with pytest.raises(TypeError, match="batches must be"):
+        collect_inputs([[1, 2]])
+
+
+def test_producer_stats_are_float64_per_channel_moments():
+    from netfold.fold.repair import producer_stats
+
+    m = _trained_like_cnn()
+    m.train()
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    st = producer_stats(m, ["0", "8"], x)
+    assert m.training  # mode restored
+    h = torch.nn.functional.conv2d(x, m[0].weight, m[0].bias, padding=1).detach()
+    torch.testing.assert_close(st["0"][0], h.mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["0"][1], h.std((0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+    m.eval()
+    out = m(x).detach()
+    torch.testing.assert_close(st["8"][0], out.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["8"][1], out.std(0, unbiased=False), rtol=1e-12, atol=1e-12)

@@ -607,3 +607,60 @@ def test_gqa_planted_duplicates_keep_several_heads_per_kv_group(
     )
     netfold.fold(wrong, cfg)
     assert (logits(wrong, X) - ref).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------- SwiGLU merge: float64 reference
+@pytest.mark.parametrize("correction", ["none", "scale"])
+def test_merge_mlp_matches_float64_reference(correction):
+    """gate/up rows -> cluster mean (with "scale": times the members' mean squared norm over
+    the mean row's, square-rooted, clamped to [1, sqrt(N)]), down columns -> cluster sum."""
+    from netfold.fold.llm import merge_mlp, prune_mlp
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    model = tiny("llama").double()
+    p = "model.layers.0.mlp."
+    g = ChannelGroup(
+        name=p + "gate_proj",
+        size=48,
+        producers=[p + "gate_proj", p + "up_proj"],
+        consumers=[Consumer(p + "down_proj")],
+    )
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():  # correlated members so the scale lies strictly inside its clamp
+        mlp.gate_proj.weight[1] = mlp.gate_proj.weight[0] + 0.3 * mlp.gate_proj.weight[1]
+        mlp.up_proj.weight[1] = -mlp.up_proj.weight[0] + 0.05 * mlp.up_proj.weight[1]
+    labels = torch.arange(48) // 2  # pairs (0, 1), (2, 3), ...
+    labels[47] = 0  # cluster 0 has three members
+    state: dict = {}
+    merge_mlp(state, model, g, labels, 24, correction=correction)
+    G, Up, D = (
+        w.detach() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    )
+    members = [[i for i in range(48) if int(labels[i]) == c] for c in range(24)]
+    for name, W in (("gate_proj", G), ("up_proj", Up)):
+        rows = []
+        for c in members:
+            r = sum(W[i] for i in c) / len(c)
+            if correction == "scale":
+                f = math.sqrt(sum(float(W[i] @ W[i]) for i in c) / len(c) / float(r @ r))
+                r = r * min(max(f, 1.0), math.sqrt(len(c)))
+            rows.append(r)
+        torch.testing.assert_close(
+            state[p + name]["weight"], torch.stack(rows), rtol=1e-12, atol=1e-12
+        )
+    want_d = torch.stack([sum(D[:, i] for i in c) for c in members], 1)
+    torch.testing.assert_close(state[p + "down_proj"]["weight"], want_d, rtol=1e-12, atol=1e-12)
+    if correction == "scale":  # both sides of the clamp matter here
+
+        def gain(name, W):
+            return float(
+                state[p + name]["weight"][0].norm() / (sum(W[i] for i in members[0]) / 3).norm()
+            )
+
+        assert gain("up_proj", Up) == pytest.approx(3**0.5, rel=1e-12)  # clamped at sqrt(N)
+        assert 1.01 < gain("gate_proj", G) < 3**0.5 - 0.01  # inside the clamp
+    keep = torch.tensor([0, 5, 7])
+    state = {}
+    prune_mlp(state, model, g, keep)
+    torch.testing.assert_close(state[p + "gate_proj"]["weight"], G[keep], rtol=0, atol=0)
+    torch.testing.assert_close(state[p + "down_proj"]["weight"], D[:, keep], rtol=0, atol=0)
