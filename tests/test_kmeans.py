@@ -326,3 +326,91 @@ def test_batched_seeding_is_greedy_kmeanspp_on_the_same_draws(dtype):
     other = K._kmeanspp_gram_cpu_batch(space, k, torch.Generator().manual_seed(6), runs)
     assert not torch.equal(other, batch)
     assert _kmeanspp_violations(Xc, other, firsts, us, rtol)
+
+
+# ------------------------------------------------------- every clustering method, planted blobs
+@pytest.mark.parametrize(
+    "method",
+    [
+        "kmeans",
+        "agglomerative-ward",
+        "agglomerative-complete",
+        "agglomerative-average",
+        "agglomerative-single",
+        "spectral",
+        "greedy",
+    ],
+)
+@pytest.mark.parametrize("d", [6, 120])  # direct features and d > n (exact Gram reduction)
+def test_every_cluster_method_recovers_planted_clusters(method, d):
+    """Well-separated blobs of unequal sizes: exact partition up to relabelling, canonical
+    labels (first appearance order) and the folding cost equal to the blobs' scatter."""
+    from netfold.config import CLUSTER_METHODS
+    from netfold.fold.cluster import cluster
+
+    assert method in CLUSTER_METHODS
+    g = torch.Generator().manual_seed(21)
+    # unequal sizes, each above spectral's 10 nearest neighbours (a smaller blob is linked to
+    # other blobs in its k-NN graph and cannot be separated: a property of that affinity)
+    sizes = [12, 17, 11, 14, 20, 13]
+    truth = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    truth = truth[torch.randperm(len(truth), generator=g)]
+    centers = 20.0 * torch.randn(len(sizes), d, generator=g, dtype=torch.float64)
+    X = centers[truth] + 0.1 * torch.randn(len(truth), d, generator=g, dtype=torch.float64)
+    res = cluster(X, len(sizes), method, seed=0)
+    assert adjusted_rand_score(truth.numpy(), res.labels.numpy()) == 1.0
+    first = [int(res.labels[(truth == t).nonzero()[0, 0]]) for t in truth.unique(sorted=False)]
+    assert res.labels[0] == 0 and int(res.labels.max()) == len(sizes) - 1
+    assert len(set(first)) == len(sizes)
+    seen: list[int] = []
+    for v in res.labels.tolist():  # canonical: ids appear in increasing order
+        if v not in seen:
+            assert v == len(seen)
+            seen.append(v)
+    scatter = sum(float(((X[truth == t] - X[truth == t].mean(0)) ** 2).sum()) for t in range(6))
+    assert res.cost == pytest.approx(scatter, rel=1e-9)
+    # negative control: the cost of a wrong partition (two blobs swapped a member) is far higher
+    wrong = res.labels.clone()
+    i, j = int((res.labels == 0).nonzero()[0, 0]), int((res.labels == 1).nonzero()[0, 0])
+    wrong[i], wrong[j] = 1, 0
+    from netfold.fold.cluster import folding_cost
+
+    assert folding_cost(X, wrong, 6) > 100 * scatter
+
+
+def test_greedy_merges_the_closest_pair_first():
+    from netfold.fold.cluster import greedy_pairing
+
+    X = torch.tensor([[0.0], [10.0], [10.5], [30.0], [31.5]], dtype=torch.float64)
+    assert greedy_pairing(X, 4).tolist() == [0, 1, 1, 2, 3]
+    assert greedy_pairing(X, 3).tolist() == [0, 1, 1, 2, 2]
+    assert greedy_pairing(X, 2).tolist() == [0, 0, 0, 1, 1]
+    # merged clusters are represented by their (size-weighted) centroid: after {10, 11} merge
+    # at 10.5, 5.3 is 5.2 from it and 5.3 from 0 (with 11 as the "centroid" it would join 0)
+    X = torch.tensor([[0.0], [5.3], [10.0], [11.0]], dtype=torch.float64)
+    assert greedy_pairing(X, 2).tolist() == [0, 1, 1, 1]
+
+
+# gaps 1, 1.1, 1.2, 1.3, 1.4, 1.6 between seven points on a line; partitions worked out by hand
+_LINE = [0.0, 1.0, 2.1, 3.3, 4.6, 6.0, 7.6]
+_LINKAGE = {
+    # single: cut the largest gaps
+    "agglomerative-single": ([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1, 2]),
+    # complete: ab(1), cd(1.2), ef(1.4), ef+g (max 3.0 < ab-cd 3.3), then ab+cd (3.3)
+    "agglomerative-complete": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2]),
+    # average: ab, cd, ef, then ab+cd (mean 2.2 < ef-g 2.3 < cd-ef 2.6), then ef+g
+    "agglomerative-average": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 2]),
+    # centroids: ab, cd, ef, then 0.5-2.7 (2.2) before 5.3-7.6 (2.3), then efg
+    "greedy": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_LINKAGE))
+def test_linkages_differ_as_worked_out_by_hand(method):
+    """Each method name reaches its own linkage: on a chain of points they disagree."""
+    from netfold.fold.cluster import cluster
+
+    X = torch.tensor(_LINE, dtype=torch.float64)[:, None]
+    two, three = _LINKAGE[method]
+    assert cluster(X, 2, method).labels.tolist() == two
+    assert cluster(X, 3, method).labels.tolist() == three
