@@ -860,3 +860,20 @@ def test_dir_beats_no_repair_on_a_trained_model():
             res[repair] = acc(m)
         assert res["dir"] > res["none"] + 0.08, (ratio, res)
     assert res["dir"] > 0.65  # ratio 0.75
+
+
+def test_group_features_promote_to_the_widest_dtype():
+    """Features of a group whose tensors differ in dtype come out in the widest one,
+    whichever block (first or later) carries it."""
+    from netfold.fold.merge import group_features
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    for first, second in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        m = nn.Module()
+        m.a = nn.Linear(3, 4, bias=False).to(first)
+        m.b = nn.Linear(4, 2, bias=False).to(second)
+        g = ChannelGroup(name="a", size=4, producers=["a"], consumers=[Consumer("b")])
+        X = group_features(m, g, "naive")
+        assert X.dtype == torch.float64
+        want = torch.cat([m.a.weight.double(), m.b.weight.double().t()], 1).detach()
+        torch.testing.assert_close(X, want, rtol=0, atol=0)
