@@ -444,27 +444,28 @@ def _smollm2():
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_smollm2_fold_20pct_fast_and_reloads(tmp_path):
+def test_smollm2_fold_20pct_fast_and_reloads(tmp_path, two_threads):
+    """Uniform 20% folding of SmolLM2-135M with the defaults. Measured (2 threads, pydocs,
+    2 windows of 256 tokens): dense ppl 18.04, folded 15,125 (ratio 838: uniform folding
+    collapses this model, docs/llm.md), 46 CPU-s for the fold."""
     from netfold.data.text import load_text
 
     model, tok = _smollm2()
     assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 9
     ids = tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        dense = perplexity(model, tok, ids=ids, seqlen=256, max_windows=2)
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        report = netfold.fold(model, FoldConfig(target_sparsity=0.2, n_init=3))
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+    dense = perplexity(model, tok, ids=ids, seqlen=256, max_windows=2)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    report = netfold.fold(model, FoldConfig(target_sparsity=0.2, n_init=3))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     # CPU seconds bound the wall time on an idle 2-core machine; wall time here depends on load
-    assert cpu < 60, (cpu, wall)  # measured 66 CPU-s with n_init=10 on a busy machine
+    assert cpu < 60, (cpu, wall)  # measured 46 CPU-s (66 with n_init=10)
     assert report.extra["non_embedding_sparsity"] == pytest.approx(0.2, abs=0.01)
     assert model.config.num_attention_heads == 6 and model.config.num_key_value_heads == 3
     folded = perplexity(model, tok, ids=ids, seqlen=256, max_windows=2)
-    assert math.isfinite(folded) and folded > dense  # uniform folding collapses (docs/llm.md)
+    assert dense == pytest.approx(18.04, rel=0.01)  # float32 evaluation: CPU-dependent rounding
+    # the folded model sits on a steep slope (a few merged channels decide), so the band is
+    # wide on a log scale: a factor 4 either side of the measured ratio 838
+    assert 200 < folded / dense < 3500, (dense, folded)
     netfold.save(model, tmp_path / "m")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()  # uniform: stock load
     x = ids[:64][None]
