@@ -355,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-factor", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mutation.json")
     ap.add_argument("--annotate", action="store_true")
+    ap.add_argument(
+        "--rerun",
+        nargs="+",
+        default=None,
+        metavar="LINE",
+        help="re-run only the mutants on these lines of the single --targets file and update "
+        "their entries in --out (after a test was added)",
+    )
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -419,6 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.out)  # atomic: a reader never sees a half-written file
         return info
 
+    if args.rerun:
+        if len(args.targets) != 1:
+            raise ValueError("--rerun needs exactly one --targets name")
+        lines = {int(v) for v in args.rerun}
+        old = json.loads(args.out.read_text())
+        keep = [
+            r for r in old["mutants"] if not (r["target"] == args.targets[0] and r["line"] in lines)
+        ]
     for name in args.targets:
         target = TARGETS[name]
         status, secs = run_tests(target, None, timeout=1800)
@@ -428,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         tree, sites = sites_of(target)
         if args.limit:
             sites = sites[: args.limit]
+        if args.rerun:
+            sites = [s for s in sites if s.line in lines]
         print(f"{name}: {len(sites)} mutants, baseline {secs:.1f} s", flush=True)
         for s in sites:
             src = mutant_source(tree, target, s.idx)
@@ -436,8 +454,22 @@ def main(argv: list[str] | None = None) -> int:
                 asdict(s) | {"target": name, "status": status, "seconds": round(secs2, 2)}
             )
             print(f"  {name}:{s.line}:{s.col} {s.desc}: {status} ({secs2:.1f} s)", flush=True)
-            if len(results) % 10 == 0:
+            if len(results) % 10 == 0 and not args.rerun:
                 write(complete=False)
+    if args.rerun:  # merge into the earlier run's file, in site order
+        rerun = results[:]
+        results[:] = sorted(
+            keep + rerun, key=lambda r: (list(TARGETS).index(r["target"]), r["idx"])
+        )
+        old["mutants"] = results
+        old["summary"] = summarise(results)
+        old.setdefault("reruns", []).append(
+            {"target": args.targets[0], "lines": sorted(lines), "mutants": len(rerun)}
+        )
+        annotate(results)
+        args.out.write_text(json.dumps(old, indent=1) + "\n")
+        print(json.dumps(old["summary"], indent=1))
+        return 0
     info = write(complete=True)
     print(json.dumps(info["summary"], indent=1))
     return 0

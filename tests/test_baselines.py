@@ -151,8 +151,10 @@ def test_merge_matrices_rules():
     torch.testing.assert_close(C, A.t())
     P, _, C, _ = merge_matrices(torch.tensor([-1, 0, 1]), 2, "prune", torch.float64)
     torch.testing.assert_close(P, torch.tensor([[0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep exactly 2 channels with ids 0\.\.1$"):
         merge_matrices(torch.tensor([-1, 0, 0]), 2, "prune", torch.float64)
+    with pytest.raises(ValueError, match="keep exactly 2"):  # right count, wrong ids
+        merge_matrices(torch.tensor([-1, 0, 2]), 2, "prune", torch.float64)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
