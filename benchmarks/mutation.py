@@ -109,7 +109,23 @@ TARGETS = {
 }
 
 # (target, line, column, description) -> why the mutant cannot change any result
-EQUIVALENT: dict[tuple[str, int, int, str], str] = {}
+EQUIVALENT: dict[tuple[str, int, int, str], str] = {
+    ("merge", 82, 16, "swap the arguments of promote_types"): ("torch.promote_types is symmetric"),
+    ("merge", 120, 36, "swap the arguments of equal"): "torch.equal is symmetric",
+    ("merge", 203, 16, "swap the arguments of minimum"): "torch.minimum is symmetric",
+    ("merge", 145, 46, "1.0 -> 2.0"): (
+        "clamp_min(2.0) of N (N - 1): only clusters with N >= 2 use the value (torch.where), "
+        "and there N (N - 1) >= 2 already"
+    ),
+    ("merge", 146, 23, "Gt -> GtE (#0)"): (
+        "a singleton's mean cosine only enters ar_scale, where N = 1 gives sqrt(1 / 1) = 1 "
+        "whatever the cosine"
+    ),
+    ("merge", 156, 47, "1.0 -> 2.0"): (
+        "a mean cosine similarity never exceeds 1 (beyond rounding), so the upper clamp at 1 "
+        "or 2 leaves it unchanged"
+    ),
+}
 
 SWAP_BIN = {
     ast.Add: ast.Sub,

@@ -768,6 +768,11 @@ def test_collect_inputs_accepts_tensors_batches_and_loaders():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
     assert torch.equal(collect_inputs(loader, max_samples=5), x[:5])
     assert torch.equal(collect_inputs(loader, max_samples=6), x[:6])
+    assert torch.equal(collect_inputs(loader, max_samples=7), x[:7])  # a third batch is read
+    one_d = [torch.arange(3.0), torch.arange(3.0, 6.0)]  # two batches of 1-D inputs
+    assert torch.equal(collect_inputs(one_d), torch.arange(6.0))
+    with pytest.raises(RuntimeError):  # lengths differ: not one (x, y) batch but two batches
+        collect_inputs((x, y[:7]))
     with pytest.raises(ValueError, match="no data"):
         collect_inputs(None)
     with pytest.raises(ValueError, match="empty"):
@@ -877,3 +882,20 @@ def test_group_features_promote_to_the_widest_dtype():
         assert X.dtype == torch.float64
         want = torch.cat([m.a.weight.double(), m.b.weight.double().t()], 1).detach()
         torch.testing.assert_close(X, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("eps", "var"), [(1e-5, 1.0 - 1e-5), (1.0, 0.0), (1.5, 1.0)])
+def test_ar_paired_bn_gets_unit_normalisation(eps, var):
+    """With Fold-AR the BN normalisation moves into the conv, so the merged BN must divide by
+    sqrt(running_var + eps) = 1: running_var = 1 - eps, which is valid (>= 0) up to eps = 1.
+    Beyond that no variance can do it and the code falls back to running_var = 1."""
+    from netfold.fold.merge import merge_group
+
+    m = _merge_model()
+    m.bn.eps = eps
+    conv, _ = _merge_groups()
+    state: dict = {}
+    merge_group(state, m, conv, CONV_LABELS, 3, "ar")
+    torch.testing.assert_close(
+        state["bn"]["running_var"], torch.full((3,), var, dtype=torch.float64), rtol=0, atol=1e-15
+    )
