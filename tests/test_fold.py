@@ -769,6 +769,19 @@ def test_collect_inputs_accepts_tensors_batches_and_loaders():
     assert torch.equal(collect_inputs(loader, max_samples=5), x[:5])
     assert torch.equal(collect_inputs(loader, max_samples=6), x[:6])
     assert torch.equal(collect_inputs(loader, max_samples=7), x[:7])  # a third batch is read
+    x12 = torch.arange(48.0).reshape(12, 4)
+    for max_samples, batches in ((6, 2), (7, 3), (12, 4)):  # reads only the batches it needs
+        pulled = []
+
+        def batches_of_3(pulled=pulled):
+            for i in range(4):
+                pulled.append(i)
+                yield x12[3 * i : 3 * i + 3]
+
+        assert torch.equal(
+            collect_inputs(batches_of_3(), max_samples=max_samples), x12[:max_samples]
+        )
+        assert len(pulled) == batches
     one_d = [torch.arange(3.0), torch.arange(3.0, 6.0)]  # two batches of 1-D inputs
     assert torch.equal(collect_inputs(one_d), torch.arange(6.0))
     with pytest.raises(RuntimeError):  # lengths differ: not one (x, y) batch but two batches
