@@ -912,3 +912,30 @@ def test_ar_paired_bn_gets_unit_normalisation(eps, var):
     torch.testing.assert_close(
         state["bn"]["running_var"], torch.full((3,), var, dtype=torch.float64), rtol=0, atol=1e-15
     )
+
+
+def test_repair_pass_feeds_corrected_outputs_forward():
+    """REPAIR on an early producer corrects its output during the same pass, so the BN after
+    it records the corrected statistics; dropout is off during the pass even for a model in
+    train mode, modes are restored and no hook is left behind."""
+    from netfold.fold.repair import producer_stats, repair_with_batch
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    m = m.double().train()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    tmean = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    tstd = torch.tensor([0.1, 3.0, 0.7], dtype=torch.float64)  # scales below and above 1
+    with torch.no_grad():
+        h = m[0](x)
+    scale = tstd / h.std(0, unbiased=False)
+    assert bool((scale < 1).any() and (scale > 1).any())
+    report = repair_with_batch(m, x, {"0": (tmean, tstd)})
+    assert report["0"] == pytest.approx(float(scale.log().abs().mean()), rel=1e-9)
+    torch.testing.assert_close(m[2].running_mean, tmean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m[2].running_var, tstd**2 * 64 / 63, rtol=1e-10, atol=1e-10)
+    assert m.training and m[1].training and m[2].training  # the caller's modes
+    assert all(not mod._forward_hooks for mod in m.modules())
+    producer_stats(m, ["0", "3"], x)
+    assert all(not mod._forward_hooks for mod in m.modules())
+    assert m.training
