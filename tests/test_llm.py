@@ -665,3 +665,52 @@ def test_merge_mlp_matches_float64_reference(correction):
     prune_mlp(state, model, g, keep)
     torch.testing.assert_close(state[p + "gate_proj"]["weight"], G[keep], rtol=0, atol=0)
     torch.testing.assert_close(state[p + "down_proj"]["weight"], D[:, keep], rtol=0, atol=0)
+
+
+def test_merge_mlp_lsq_and_ridge_refit_match_float64_reference():
+    """ "lsq": merged column sum_i a_i d_i with a_i = <h_i, h_c> / <h_c, h_c> over the given
+    inputs (float32 activations: rtol 1e-4); "data": D' = D C_om (C_mm + lam I)^-1 with
+    lam = ridge * mean diag(C_mm) (float64: rtol 1e-9). Every <h_c, h_c> lies in (1e-10, 1),
+    so the code's small-value guards (1e-20, 1e-30) must not bite."""
+    from netfold.fold.llm import merge_mlp
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    model = tiny("llama").double()
+    p = "model.layers.0.mlp."
+    g = ChannelGroup(
+        name=p + "gate_proj",
+        size=48,
+        producers=[p + "gate_proj", p + "up_proj"],
+        consumers=[Consumer(p + "down_proj")],
+    )
+    mlp = model.model.layers[0].mlp
+    G, Up, D = (
+        w.detach() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    )
+    labels = torch.arange(48) % 24  # pairs (i, i + 24)
+    U = torch.zeros(48, 24, dtype=torch.float64)
+    U[torch.arange(48), labels] = 1.0
+    Gm, Um = (U.t() @ W / 2 for W in (G, Up))
+    z = 2.0 * torch.randn(40, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def h(gw, uw):
+        return torch.nn.functional.silu(z @ gw.t()) * (z @ uw.t())
+
+    h_o, h_m = h(G, Up), h(Gm, Um)
+    den = (h_m * h_m).sum(0)
+    assert 1e-10 < float(den.min()) and float(den.max()) < 1  # between the code's thresholds
+    a = (h_o * h_m[:, labels]).sum(0) / den[labels]
+    want = D @ (U * a[:, None])
+    state: dict = {}
+    merge_mlp(state, model, g, labels, 24, correction="lsq", inputs=z)
+    torch.testing.assert_close(state[p + "down_proj"]["weight"], want, rtol=1e-4, atol=1e-9)
+    ridge = 0.3
+    c_mm, c_om = h_m.t() @ h_m, h_o.t() @ h_m
+    lam = ridge * float(torch.diagonal(c_mm).mean())
+    want = D @ c_om @ torch.linalg.inv(c_mm + lam * torch.eye(24, dtype=torch.float64))
+    state = {}
+    merge_mlp(state, model, g, labels, 24, correction="data", inputs=z, ridge=ridge)
+    torch.testing.assert_close(state[p + "down_proj"]["weight"], want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(state[p + "gate_proj"]["weight"], Gm, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs inputs"):
+        merge_mlp({}, model, g, labels, 24, correction="lsq")
