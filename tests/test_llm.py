@@ -627,6 +627,9 @@ def test_merge_mlp_matches_float64_reference(correction):
         consumers=[Consumer(p + "down_proj")],
     )
     mlp = model.model.layers[0].mlp
+    gb = torch.nn.Parameter(torch.randn(48, dtype=torch.float64))  # mlp_bias-style models
+    ub = torch.nn.Parameter(torch.randn(48, dtype=torch.float64))
+    mlp.gate_proj.bias, mlp.up_proj.bias = gb, ub
     with torch.no_grad():  # correlated members so the scale lies strictly inside its clamp
         mlp.gate_proj.weight[1] = mlp.gate_proj.weight[0] + 0.3 * mlp.gate_proj.weight[1]
         mlp.up_proj.weight[1] = -mlp.up_proj.weight[0] + 0.05 * mlp.up_proj.weight[1]
@@ -650,6 +653,9 @@ def test_merge_mlp_matches_float64_reference(correction):
             state[p + name]["weight"], torch.stack(rows), rtol=1e-12, atol=1e-12
         )
     want_d = torch.stack([sum(D[:, i] for i in c) for c in members], 1)
+    for name, b in (("gate_proj", gb), ("up_proj", ub)):  # biases: plain cluster means
+        want_b = torch.stack([sum(b[i] for i in c) / len(c) for c in members]).detach()
+        torch.testing.assert_close(state[p + name]["bias"], want_b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state[p + "down_proj"]["weight"], want_d, rtol=1e-12, atol=1e-12)
     if correction == "scale":  # both sides of the clamp matter here
 
@@ -664,6 +670,7 @@ def test_merge_mlp_matches_float64_reference(correction):
     state = {}
     prune_mlp(state, model, g, keep)
     torch.testing.assert_close(state[p + "gate_proj"]["weight"], G[keep], rtol=0, atol=0)
+    torch.testing.assert_close(state[p + "up_proj"]["bias"], ub.detach()[keep], rtol=0, atol=0)
     torch.testing.assert_close(state[p + "down_proj"]["weight"], D[:, keep], rtol=0, atol=0)
 
 
