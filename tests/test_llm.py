@@ -721,3 +721,96 @@ def test_merge_mlp_lsq_and_ridge_refit_match_float64_reference():
     torch.testing.assert_close(state[p + "gate_proj"]["weight"], Gm, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs inputs"):
         merge_mlp({}, model, g, labels, 24, correction="lsq")
+
+
+@pytest.mark.parametrize("unit", ["query", "kv"])
+def test_merge_heads_scale_correction_matches_float64_reference(unit):
+    """Whole-head merge on distinct heads: q/k/v head rows and biases -> cluster mean, each
+    merged q (and k) head times sqrt(mean ||member||^2 / ||mean||^2) clamped to [1, sqrt(N)],
+    o_proj head columns -> cluster sum. Qwen2 (q/k/v biases), 8 query / 4 KV heads."""
+    from netfold.fold.llm import merge_heads
+    from netfold.graph.groups import HeadGroup
+
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=HD,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(5)
+    model = Qwen2ForCausalLM(cfg).double().eval()
+    a = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=torch.float64))
+        # correlated and anti-correlated query heads, so merged-head gains differ from 1
+        q = a.q_proj.weight.view(8, HD, 32)
+        q[2] = q[0] + 0.3 * q[2]
+        q[3] = -q[1] + 0.01 * q[3]
+    p = "model.layers.0.self_attn."
+    hg = HeadGroup(
+        name=p + "q_proj",
+        q=p + "q_proj",
+        k=p + "k_proj",
+        v=p + "v_proj",
+        o=p + "o_proj",
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=HD,
+        unit=unit,
+    )
+    if unit == "query":  # 2 query heads per KV group, merged into one
+        blocks, k_units = [torch.tensor([0, 0])] * 4, 1
+        q_members = [[0, 1], [2, 3], [4, 5], [6, 7]]
+        kv_members = [[0], [1], [2], [3]]
+    else:
+        blocks, k_units = [torch.tensor([0, 1, 0, 1])], 2
+        kv_members = [[0, 2], [1, 3]]
+        q_members = [[0, 4], [1, 5], [2, 6], [3, 7]]
+    state: dict = {}
+    merge_heads(state, model, hg, blocks, k_units, correction="scale")
+
+    def heads(t, n):
+        return t.detach().reshape(n, HD, -1)
+
+    def merged(lin, n, members, fix):
+        W, b = heads(lin.weight, n), lin.bias.detach().reshape(n, HD)
+        out_w, out_b = [], []
+        for c in members:
+            mean = sum(W[i] for i in c) / len(c)
+            if fix:
+                f = math.sqrt(
+                    sum(float((W[i] ** 2).sum()) for i in c) / len(c) / float((mean**2).sum())
+                )
+                mean = mean * min(max(f, 1.0), math.sqrt(len(c)))
+            out_w.append(mean)
+            out_b.append(sum(b[i] for i in c) / len(c))
+        return torch.cat(out_w), torch.cat(out_b)
+
+    cases = [("q_proj", a.q_proj, 8, q_members, True)]
+    if unit == "kv":
+        cases += [
+            ("k_proj", a.k_proj, 4, kv_members, True),
+            ("v_proj", a.v_proj, 4, kv_members, False),
+        ]
+    else:
+        assert p + "k_proj" not in state and p + "v_proj" not in state  # K/V untouched
+    for name, lin, n, members, fix in cases:
+        w, b = merged(lin, n, members, fix)
+        torch.testing.assert_close(state[p + name]["weight"], w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state[p + name]["bias"], b, rtol=1e-12, atol=1e-12)
+    ow = a.o_proj.weight.detach().reshape(32, 8, HD)
+    want_o = torch.cat([sum(ow[:, i] for i in c) for c in q_members], 1)
+    torch.testing.assert_close(state[p + "o_proj"]["weight"], want_o, rtol=1e-12, atol=1e-12)
+    # the correction really acts: a gain strictly inside (1, sqrt 2) and one at sqrt 2
+    plain = {}
+    merge_heads(plain, model, hg, blocks, k_units, correction="none")
+    gain = state[p + "q_proj"]["weight"].reshape(4, -1).norm(dim=1) / plain[p + "q_proj"][
+        "weight"
+    ].reshape(4, -1).norm(dim=1)
+    assert bool((gain > 1 + 1e-3).any())
