@@ -74,7 +74,8 @@ TARGETS = {
             "tests/test_baselines.py",
             "-k",
             "merge_matches or group_features or planted_duplicates or negative_control "
-            "or merge_matrices_rules or ifm_merges or ratio_zero_is_bit_identical and mlp",
+            "or merge_matrices_rules or ifm_merges or unit_normalisation "
+            "or ratio_zero_is_bit_identical and mlp",
         ),
     ),
     "repair": Target(
@@ -103,7 +104,7 @@ TARGETS = {
             "tests/test_llm.py",
             "-k",
             "gqa or planted_duplicates or unplanted or magnitude_pruning or merge_mlp "
-            "or repair_data_fits",
+            "or merge_heads or repair_data_fits",
         ),
     ),
 }
@@ -479,8 +480,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         old["mutants"] = results
         old["summary"] = summarise(results)
+        name = args.targets[0]
+        old["targets"][name]["tests"] = list(TARGETS[name].tests)  # the selection now in use
         old.setdefault("reruns", []).append(
-            {"target": args.targets[0], "lines": sorted(lines), "mutants": len(rerun)}
+            {
+                "target": name,
+                "lines": sorted(lines),
+                "mutants": len(rerun),
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
         )
         annotate(results)
         args.out.write_text(json.dumps(old, indent=1) + "\n")
