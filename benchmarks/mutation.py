@@ -104,7 +104,7 @@ TARGETS = {
             "tests/test_llm.py",
             "-k",
             "gqa or planted_duplicates or unplanted or magnitude_pruning or merge_mlp "
-            "or merge_heads or repair_data_fits",
+            "or merge_heads or prune_heads or repair_data_fits",
         ),
     ),
 }

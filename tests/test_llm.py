@@ -814,3 +814,43 @@ def test_merge_heads_scale_correction_matches_float64_reference(unit):
         "weight"
     ].reshape(4, -1).norm(dim=1)
     assert bool((gain > 1 + 1e-3).any())
+
+
+@pytest.mark.parametrize("unit", ["query", "kv"])
+def test_prune_heads_selects_whole_heads_per_kv_group(unit):
+    """Pruning keeps whole heads: query unit, 8/2 heads, keep heads (1, 3) of KV group 0 and
+    (0, 2) of group 1 -> q heads 1, 3, 4, 6; kv unit, 8/4 heads, keep KV heads 1 and 3 with
+    their query heads 2, 3, 6, 7."""
+    from netfold.fold.llm import prune_heads
+    from netfold.graph.groups import HeadGroup
+
+    kv = 2 if unit == "query" else 4
+    model = _gqa_model(8, kv)
+    a = model.model.layers[0].self_attn
+    p = "model.layers.0.self_attn."
+    hg = HeadGroup(
+        name=p + "q_proj",
+        q=p + "q_proj",
+        k=p + "k_proj",
+        v=p + "v_proj",
+        o=p + "o_proj",
+        num_heads=8,
+        num_kv_heads=kv,
+        head_dim=HD,
+        unit=unit,
+    )
+    if unit == "query":
+        blocks, q_keep, kv_keep = [torch.tensor([1, 3]), torch.tensor([0, 2])], [1, 3, 4, 6], [0, 1]
+    else:
+        blocks, q_keep, kv_keep = [torch.tensor([1, 3])], [2, 3, 6, 7], [1, 3]
+    state: dict = {}
+    prune_heads(state, model, hg, blocks)
+
+    def rows(w, heads):
+        return torch.cat([w.detach()[h * HD : (h + 1) * HD] for h in heads])
+
+    torch.testing.assert_close(state[p + "q_proj"]["weight"], rows(a.q_proj.weight, q_keep))
+    torch.testing.assert_close(state[p + "k_proj"]["weight"], rows(a.k_proj.weight, kv_keep))
+    torch.testing.assert_close(state[p + "v_proj"]["weight"], rows(a.v_proj.weight, kv_keep))
+    want_o = rows(a.o_proj.weight.t(), q_keep).t()
+    torch.testing.assert_close(state[p + "o_proj"]["weight"], want_o)
