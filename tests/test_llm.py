@@ -827,6 +827,8 @@ def test_prune_heads_selects_whole_heads_per_kv_group(unit):
     kv = 2 if unit == "query" else 4
     model = _gqa_model(8, kv)
     a = model.model.layers[0].self_attn
+    for lin in (a.q_proj, a.k_proj, a.v_proj):  # attention_bias-style models
+        lin.bias = torch.nn.Parameter(torch.randn(lin.out_features, dtype=torch.float64))
     p = "model.layers.0.self_attn."
     hg = HeadGroup(
         name=p + "q_proj",
@@ -852,5 +854,8 @@ def test_prune_heads_selects_whole_heads_per_kv_group(unit):
     torch.testing.assert_close(state[p + "q_proj"]["weight"], rows(a.q_proj.weight, q_keep))
     torch.testing.assert_close(state[p + "k_proj"]["weight"], rows(a.k_proj.weight, kv_keep))
     torch.testing.assert_close(state[p + "v_proj"]["weight"], rows(a.v_proj.weight, kv_keep))
+    for name, lin, keep in (("q_proj", a.q_proj, q_keep), ("v_proj", a.v_proj, kv_keep)):
+        want_b = rows(lin.bias[:, None], keep)[:, 0]
+        torch.testing.assert_close(state[p + name]["bias"], want_b)
     want_o = rows(a.o_proj.weight.t(), q_keep).t()
     torch.testing.assert_close(state[p + "o_proj"]["weight"], want_o)
