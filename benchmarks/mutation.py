@@ -114,6 +114,11 @@ EQUIVALENT: dict[tuple[str, int, int, str], str] = {
     ("merge", 82, 16, "swap the arguments of promote_types"): ("torch.promote_types is symmetric"),
     ("merge", 120, 36, "swap the arguments of equal"): "torch.equal is symmetric",
     ("merge", 203, 16, "swap the arguments of minimum"): "torch.minimum is symmetric",
+    ("llm", 207, 16, "swap the arguments of minimum"): "torch.minimum is symmetric",
+    ("llm", 308, 8, "swap the arguments of minimum"): "torch.minimum is symmetric",
+    ("llm", 223, 28, "Gt -> GtE (#0)"): (
+        "den > 1e-20 vs den >= 1e-20 differ only when a sum of squares equals 1e-20 exactly"
+    ),
     ("merge", 145, 46, "1.0 -> 2.0"): (
         "clamp_min(2.0) of N (N - 1): only clusters with N >= 2 use the value (torch.where), "
         "and there N (N - 1) >= 2 already"
