@@ -249,7 +249,7 @@ def merge_group(
             if c in paired_bns:
                 new_mu = A @ (mu / sigma)
                 new_var = torch.full((k,), 1.0 - m.eps, dtype=dtype)
-                if m.eps >= 1.0:
+                if m.eps > 1.0:  # no valid variance gives sigma = 1; eps = 1 still does (var 0)
                     new_var = torch.ones(k, dtype=dtype)
             else:
                 new_mu = A @ mu
