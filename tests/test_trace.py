@@ -18,7 +18,6 @@ import netfold
 import netfold.api as api
 from netfold.graph.surgery import get_module
 
-torch.set_num_threads(1)
 F64 = torch.float64
 
 
