@@ -350,12 +350,17 @@ def find_groups(
         example_inputs = infer_example_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    gm = trace(model)
-    was_training = model.training
     # A module traced through (timm's BatchNormAct2d) bakes its train/eval branch into the
-    # graph: in train mode its functional batch_norm would update the running statistics on
-    # the example input. Shape propagation must not change the model: restore every buffer.
+    # graph: in train mode tracing runs its ``num_batches_tracked.add_(1)`` eagerly (fx does
+    # not proxy buffers) and shape propagation its functional batch_norm, which updates the
+    # running statistics on the example input. Finding groups must not change the model.
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    try:
+        gm = trace(model)
+    except BaseException:
+        _restore(buffers)
+        raise
     gm.eval()
     try:
         with torch.no_grad():
@@ -366,10 +371,14 @@ def find_groups(
         ) from e
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+        _restore(buffers)
     return _analyse(gm, model)
+
+
+def _restore(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
 
 
 def _is_multi(node: fx.Node) -> bool:
