@@ -343,7 +343,7 @@ ZOO = [
 ]
 # Reasons a timm group may stay frozen: the model's ends and ViT's attention heads (qkv split
 # into heads by a reshape, the attention output read back through scaled_dot_product_attention).
-ALLOWED = ("model input", "model output", "attention heads", "scaled_dot_product_attention")
+ALLOWED = ("model input", "model output", "splits the channel axis", "scaled_dot_product_attention")
 
 
 def _timm_model(name: str) -> nn.Module:

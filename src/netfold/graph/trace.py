@@ -1125,13 +1125,25 @@ def _reshape(sp: _Spaces, v: _Val | None, in_shape, out_shape, label: str) -> _V
     got = _reshape_axis(tuple(in_shape), tuple(out_shape), v.axis)
     if got is not None and got[0] < len(out_shape):
         return _Val(v.space, got[0], v.repeat * got[1], v.parts)
+    shapes = f"{tuple(in_shape)} -> {tuple(out_shape)}"
+    if _splits_axis(tuple(in_shape), tuple(out_shape), v.axis):
+        why = f"{label} splits the channel axis ({shapes}), as into attention heads: not followed"
+    else:
+        why = f"{label} reshapes across the channel axis ({shapes})"
     for s in v.spaces:
-        sp.freeze(
-            s,
-            f"{label} reshapes across the channel axis ({tuple(in_shape)} -> {tuple(out_shape)},"
-            " e.g. a split into attention heads; not followed)",
-        )
+        sp.freeze(s, why)
     return None
+
+
+def _splits_axis(in_shape: tuple, out_shape: tuple, a: int) -> bool:
+    """Whether the reshape cuts axis ``a`` into several output axes (heads x head_dim)."""
+    pre = math.prod(in_shape[:a])
+    for b in range(len(out_shape)):
+        if math.prod(out_shape[:b]) == pre:
+            for e in range(b + 2, len(out_shape) + 1):
+                if math.prod(out_shape[b:e]) == in_shape[a] and out_shape[b] != 1:
+                    return True
+    return False
 
 
 def _reduce(node: fx.Node, v: _Val | None, in_shape, out_shape) -> _Val | None:
