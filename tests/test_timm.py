@@ -332,6 +332,61 @@ def test_permute_round_trip_and_token_layout_are_followed():
     assert err < REL and model.pos.shape == (1, 5, 3) and model.cls.shape == (1, 1, 3)
 
 
+@pytest.mark.parametrize(
+    "in_shape, out_shape, axis",
+    [
+        ((2, 6, 3, 4), (2, 72), 1),  # flatten: 12 columns per channel
+        ((2, 6, 3, 4), (2, 6, 12), 1),  # ViT patches: flatten(2)
+        ((2, 6, 3, 4), (2, 18, 4), 1),  # channel merged with H
+        ((2, 3, 4, 6), (6, 4, 6), 3),  # batch and H merged before channels-last C
+        ((8, 6), (2, 4, 1, 6), 1),  # rows split into (batch, tokens)
+        ((2, 5, 6), (2, 5, 2, 3), 2),  # split into heads: not followed
+        ((2, 6, 4), (2, 4, 6), 1),  # a reshape that is no transpose: scrambles channels
+        ((2, 6, 4), (12, 4), 1),  # channel merged under the batch
+    ],
+)
+def test_reshape_axis_matches_real_reshapes(in_shape, out_shape, axis):
+    """The tracer's reshape rule against torch itself: label every entry by its channel."""
+    from netfold.graph.trace import _reshape_axis
+
+    shape = [1] * len(in_shape)
+    shape[axis] = in_shape[axis]
+    ch = torch.arange(in_shape[axis]).reshape(shape).expand(in_shape).reshape(out_shape)
+    got = _reshape_axis(in_shape, out_shape, axis)
+    # ground truth: some output axis b with every channel in m contiguous columns
+    truth = None
+    for b in range(len(out_shape)):
+        if out_shape[b] % in_shape[axis]:
+            continue
+        m = out_shape[b] // in_shape[axis]
+        want = torch.arange(in_shape[axis]).repeat_interleave(m)
+        view = [1] * len(out_shape)
+        view[b] = out_shape[b]
+        if torch.equal(ch, want.reshape(view).expand(out_shape)):
+            truth = (b, m)
+            break
+    assert got == truth
+
+
+@pytest.mark.parametrize(
+    "idx, in_shape, out_shape, axis, new_axis",
+    [
+        ((slice(None), 0), (2, 5, 6), (2, 6), 2, 1),  # ViT class token
+        ((Ellipsis, 0), (2, 6, 3, 4), (2, 6, 3), 1, 1),
+        ((0,), (2, 6, 3, 4), (6, 3, 4), 1, 0),
+        ((slice(None), None), (2, 6, 3), (2, 1, 6, 3), 1, 2),
+        ((slice(None), slice(0, 3)), (2, 6, 3), (2, 3, 3), 1, None),  # a channel slice
+        ((slice(None), slice(None), 1), (2, 6, 3), (2, 6), 1, 1),
+    ],
+)
+def test_index_moves_or_refuses_the_channel_axis(idx, in_shape, out_shape, axis, new_axis):
+    from netfold.graph.trace import _index, _Val
+
+    assert tuple(torch.zeros(in_shape)[idx].shape) == out_shape  # the cases are real indexing
+    got = _index(_Val(0, axis), idx, in_shape, out_shape)
+    assert (got.axis if got is not None else None) == new_axis
+
+
 # ---------------------------------------------------------------- the timm zoo
 ZOO = [
     "resnet18",
