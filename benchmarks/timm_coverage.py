@@ -194,7 +194,9 @@ def main() -> None:
         "git": git_rev(),
         "machine": info,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {
+            k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+        },
         "input": [2, 3, 64, 64],
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "rows": [],

@@ -468,3 +468,35 @@ def test_timm_convnext_layernorm_skew_is_approximate():
     assert err > 1e-6, err
     err, _, _ = fold_twins(model, x, skew_other=True)
     assert err < REL, err
+
+
+def test_timm_groups_follow_se_layer_scale_and_vit_stream():
+    """Where each construct lands: SE expand conv in the gated space, SE reduce conv its own
+    group; ConvNeXt's gamma and channels-last LayerNorms in the stream; ViT's class token and
+    position embedding in its stream, MLP hidden channels foldable, heads frozen."""
+    x = torch.randn(2, 3, 64, 64)
+    by_prod = {}
+    for name in ("efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224"):
+        for g in netfold.find_groups(_timm_model(name), x):
+            for p in g.producers:
+                by_prod[(name, p)] = g
+    se = by_prod[("efficientnet_b0", "blocks.1.0.se.conv_expand")]
+    assert se.foldable and se.producers == ["blocks.1.0.conv_pw", "blocks.1.0.se.conv_expand"]
+    assert {"blocks.1.0.bn1", "blocks.1.0.conv_dw", "blocks.1.0.bn2"} <= set(se.channel_ops)
+    assert se.bn_of == {"blocks.1.0.conv_pw": "blocks.1.0.bn1"}  # BatchNormAct2d, functional
+    red = by_prod[("efficientnet_b0", "blocks.1.0.se.conv_reduce")]
+    assert red.foldable and red.producers == ["blocks.1.0.se.conv_reduce"]
+    cnx = by_prod[("convnext_atto", "stages.1.blocks.0.mlp.fc2")]
+    assert cnx.foldable and "stages.1.blocks.0.norm" in cnx.channel_ops
+    assert {p.qualname for p in cnx.channel_params} == {
+        "stages.1.blocks.0.gamma",
+        "stages.1.blocks.1.gamma",
+    }
+    # the two blocks' channels-last LayerNorms and the next stage's downsample LayerNorm
+    assert len(cnx.approximations) == 3
+    vit = by_prod[("vit_tiny_patch16_224", "blocks.0.mlp.fc2")]
+    assert vit.foldable and len(vit.producers) == 25 and len(vit.approximations) == 25
+    assert {p.qualname for p in vit.channel_params} == {"cls_token", "pos_embed"}
+    assert by_prod[("vit_tiny_patch16_224", "blocks.0.mlp.fc1")].foldable
+    qkv = by_prod[("vit_tiny_patch16_224", "blocks.0.attn.qkv")]
+    assert not qkv.foldable and "attention heads" in qkv.frozen_reasons[0]
