@@ -290,6 +290,34 @@ def test_unattributed_per_channel_constant_freezes():
     assert not groups["a"].foldable  # sigmoid(bias) is no view of one parameter: never guessed
 
 
+class Masked(nn.Module):
+    """conv -> residual add of a masked branch -> head; ``full`` draws the mask per element."""
+
+    def __init__(self, full: bool = False) -> None:
+        super().__init__()
+        self.full = full
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        if self.full:
+            mask = torch.rand_like(y)
+        else:  # timm's drop_path in training: one draw per sample, via x.new_empty()
+            mask = y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(0.9).div_(0.9)
+        return self.head((h + y * mask).mean((2, 3)))
+
+
+def test_drop_path_mask_in_train_mode_keeps_the_stream_foldable():
+    groups = {g.name: g for g in netfold.find_groups(Masked().train(), torch.randn(2, 3, 4, 4))}
+    assert groups["a+1"].foldable, groups["a+1"].frozen_reasons
+    # a full-width random mask is no per-sample draw: it is never guessed through
+    groups = {g.name: g for g in netfold.find_groups(Masked(True), torch.randn(2, 3, 4, 4))}
+    assert not groups["a+1"].foldable
+
+
 def test_find_groups_in_train_mode_leaves_functional_bn_statistics_alone():
     model = _toy().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -173,6 +173,9 @@ _PARAM_VIEW_FUNCTIONS = (
         operator.getitem,
     }
 )
+# Tensor methods whose result takes only dtype/device (and a given shape) from the tensor:
+# timm's drop_path draws its per-sample mask with x.new_empty((N, 1, 1, 1)).bernoulli_().
+_FACTORY_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"}
 _LN_APPROX = (
     "{}: LayerNorm over the channel axis normalises across channels; merged channels keep its "
     "mean/variance only when every cluster has the same size (approximate otherwise)"
@@ -339,7 +342,8 @@ def find_groups(
     """Return every channel group of ``model``, foldable and frozen, in graph order.
 
     Args:
-        model: a CNN / MLP made of torch.nn layers (custom modules are traced through).
+        model: a CNN / MLP / ViT made of torch.nn layers (custom modules, such as timm's, are
+            traced through). Left as it was: mode, parameters and buffers.
         example_inputs: one input tensor (or a tuple) used for shape propagation, e.g.
             (N, C, H, W); inferred from the first layer when None.
 
@@ -746,6 +750,9 @@ def _analyse(gm: fx.GraphModule, model: nn.Module) -> list[ChannelGroup]:
         # call_function / call_method
         tgt = node.target
         method = node.op == "call_method"
+        if method and tgt in _FACTORY_METHODS:
+            vals[node] = None  # a new constant: no channel values flow from the tensor
+            continue
         if not tracked_in:
             # Only constants and parameters in: the result is a constant. Follow views of one
             # parameter so that applying it to the channels is recognised (layer scale).
