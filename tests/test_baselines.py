@@ -21,8 +21,6 @@ from netfold.fuse.cli_handlers import randomize_bn
 from netfold.graph.surgery import get_module
 from netfold.models import build_model
 
-torch.set_num_threads(2)
-
 BASELINES = ["magnitude-l1", "magnitude-l2", "ifm"]
 
 
@@ -153,8 +151,10 @@ def test_merge_matrices_rules():
     torch.testing.assert_close(C, A.t())
     P, _, C, _ = merge_matrices(torch.tensor([-1, 0, 1]), 2, "prune", torch.float64)
     torch.testing.assert_close(P, torch.tensor([[0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep exactly 2 channels with ids 0\.\.1$"):
         merge_matrices(torch.tensor([-1, 0, 0]), 2, "prune", torch.float64)
+    with pytest.raises(ValueError, match="keep exactly 2"):  # right count, wrong ids
+        merge_matrices(torch.tensor([-1, 0, 2]), 2, "prune", torch.float64)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
@@ -224,17 +224,24 @@ def test_cost_allocation_respects_overrides_and_skip():
 
 
 def test_cost_allocation_folds_a_redundant_group_harder():
-    """A group whose channels are planted duplicates costs nothing to fold, so the cost
-    allocation folds it further than uniform would; without the duplicates it does not."""
+    """A group whose 64 channels are 32 planted duplicate pairs costs nothing to fold down to
+    32, so the cost allocation folds it well past uniform's 45 (measured: 35), while the same
+    group without duplicates stays near uniform (measured: 45); both allocations spend the
+    uniform parameter budget (measured sparsity 0.5071 / 0.5063 vs 0.5061)."""
     x = torch.randn(2, 1, 28, 28)
     name = "layer3.0.conv1"
 
-    def width(model: nn.Module) -> int:
+    def fold(model: nn.Module) -> tuple[int, float]:
         cfg = netfold.FoldConfig(ratio=0.3, allocation="cost", repair="none", n_init=2)
         rep = netfold.fold(model, cfg, example_inputs=x)
-        return next(g.width_after for g in rep.groups if g.name == name)
+        return next(g.width_after for g in rep.groups if g.name == name), rep.sparsity
 
     plain = _small_resnet()
+    uni = netfold.fold(
+        copy.deepcopy(plain),
+        netfold.FoldConfig(ratio=0.3, repair="none", n_init=2),
+        example_inputs=x,
+    )
     group = next(g for g in netfold.find_groups(plain, x) if g.name == name)
     planted = copy.deepcopy(plain)
     src = torch.arange(group.size) % (group.size // 2)
@@ -244,4 +251,10 @@ def test_cost_allocation_folds_a_redundant_group_harder():
             t.copy_(t[src])
         m.conv2.weight.copy_(m.conv2.weight[:, src])
     uniform = round(group.size * 0.7)  # 45 of 64
-    assert width(planted) < uniform <= width(plain)
+    w_planted, s_planted = fold(planted)
+    w_plain, s_plain = fold(plain)
+    assert w_planted <= uniform - 7  # folded harder by a margin (measured 10 channels)
+    assert w_planted >= 24  # ... but not past what its cost curve justifies
+    assert abs(w_plain - uniform) <= 4  # no duplicates: no reason to single it out
+    for s in (s_planted, s_plain):  # the budget: the uniform allocation's sparsity
+        assert s == pytest.approx(uni.sparsity, abs=0.005)

@@ -15,9 +15,14 @@ from netfold.bench import merge_results, plot_results, run_sweep, validate
 from netfold.bench.torch_pruning import available as tp_available
 from netfold.bench.torch_pruning import tp_magnitude_prune
 from netfold.cli import main as cli_main
+from netfold.data.fashion_mnist import find_fashion_mnist
 from netfold.models import build_model
 
-torch.set_num_threads(2)
+# the sweeps evaluate on the Fashion-MNIST test split; without it they cannot run
+needs_fmnist = pytest.mark.skipif(
+    find_fashion_mnist() is None,
+    reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist",
+)
 
 
 @pytest.fixture
@@ -55,6 +60,8 @@ def _config() -> dict:
     }
 
 
+@pytest.mark.real
+@needs_fmnist
 def test_sweep_rows_resume_and_plots(random_small_cnn, tmp_path):
     out = tmp_path / "res.json"
     res = run_sweep(_config(), out, progress=False)
@@ -124,6 +131,8 @@ def test_torch_pruning_baseline_prunes_and_keeps_outputs():
     assert model.fc.out_features == 10
 
 
+@pytest.mark.real
+@needs_fmnist
 def test_cli_bench_and_plot(random_small_cnn, tmp_path):
     cfg = _config() | {"runs": _config()["runs"][:1], "ratios": [0.5]}
     cfg_path = tmp_path / "cfg.json"
@@ -138,6 +147,8 @@ def test_cli_bench_and_plot(random_small_cnn, tmp_path):
     assert (tmp_path / "q" / "tiny.md").is_file()
 
 
+@pytest.mark.real
+@needs_fmnist
 def test_merge_results_of_per_model_runs(random_small_cnn, tmp_path):
     cfg = _config() | {"runs": _config()["runs"][:1], "ratios": [0.5]}
     a = run_sweep(cfg, tmp_path / "a.json", progress=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 
 import pytest
 import torch
@@ -134,21 +133,84 @@ def test_ort_session_rejects_bad_settings(tmp_path):
 # ---- latency -------------------------------------------------------------------------------------
 
 
-def test_measure_latency_reports_median_and_threads():
-    st = measure_latency(lambda: time.sleep(0.002), warmup=1, repeats=7, threads=1)
-    assert st.runs == 7 and st.warmup == 1 and st.threads == 1
-    assert st.min_ms <= st.p10_ms <= st.median_ms <= st.p90_ms
-    assert st.median_ms >= 2.0  # sleeps at least 2 ms
+class _FakeClock:
+    """A ``time`` stand-in whose ``perf_counter`` only moves when a timed callable says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self, seconds: float):
+        def fn() -> None:
+            self.now += seconds
+
+        return fn
 
 
-def test_measure_interleaved_orders_fast_and_slow():
+def test_measure_latency_statistics_with_an_injected_clock(monkeypatch):
+    """Known durations in, exact statistics out: no wall clock, no sleeping."""
+    import netfold.eval.latency as lat
+
+    clock = _FakeClock()
+    monkeypatch.setattr(lat, "time", clock)
+    durations = iter([0.5, 0.5, 0.004, 0.001, 0.003, 0.010, 0.002, 0.006, 0.005])  # 2 warm-up
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        clock.now += next(durations)
+
+    st = measure_latency(fn, warmup=2, repeats=7, threads=1)
+    assert len(calls) == 9
+    assert (st.runs, st.warmup, st.threads) == (7, 2, 1)
+    ms = sorted([4.0, 1.0, 3.0, 10.0, 2.0, 6.0, 5.0])  # warm-up calls are not timed
+    assert st.median_ms == pytest.approx(4.0, abs=1e-9)
+    assert st.min_ms == pytest.approx(1.0, abs=1e-9)
+    assert st.mean_ms == pytest.approx(sum(ms) / 7, abs=1e-9)
+    # linear interpolation between order statistics: p10 at 0.6, p90 at 5.4
+    assert st.p10_ms == pytest.approx(1.0 + 0.6 * (2.0 - 1.0), abs=1e-9)
+    assert st.p90_ms == pytest.approx(6.0 + 0.4 * (10.0 - 6.0), abs=1e-9)
+
+
+def test_measure_interleaved_times_each_callable_separately(monkeypatch):
+    import netfold.eval.latency as lat
+
+    clock = _FakeClock()
+    monkeypatch.setattr(lat, "time", clock)
+    counts = {"fast": 0, "slow": 0}
+
+    def make(name: str, seconds: float):
+        def fn() -> None:
+            counts[name] += 1
+            clock.now += seconds
+
+        return fn
+
     stats = measure_interleaved(
-        {"fast": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.006)},
-        warmup=0,
+        {"fast": make("fast", 0.001), "slow": make("slow", 0.006)},
+        warmup=2,
         repeats=9,
+        calls_per_round=2,
+        settle_calls=1,
     )
-    assert stats["fast"].median_ms < stats["slow"].median_ms
-    assert stats["slow"].median_ms / stats["fast"].median_ms > 2  # ideal 6x, sleep is coarse
+    # per callable: 2 warm-up + 9 rounds x (1 settle + 2 timed)
+    assert counts == {"fast": 29, "slow": 29}
+    assert stats["fast"].runs == stats["slow"].runs == 18
+    assert stats["fast"].median_ms == pytest.approx(1.0, abs=1e-9)
+    assert stats["slow"].median_ms == pytest.approx(6.0, abs=1e-9)
+    assert stats["slow"].p90_ms == pytest.approx(6.0, abs=1e-9)
+
+
+def test_measure_latency_on_a_real_tiny_model():
+    """A real forward pass, measured: only sanity of the numbers, which depend on the CPU."""
+    model = _cnn()
+    x = torch.randn(2, 3, 8, 8)
+    st = measure_latency(lambda: model(x), warmup=1, repeats=5, threads=1)
+    assert st.runs == 5 and st.threads == 1
+    assert 0 < st.min_ms <= st.p10_ms <= st.median_ms <= st.p90_ms
+    assert st.min_ms <= st.mean_ms
 
 
 def test_torch_threads_restores_setting():

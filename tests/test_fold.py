@@ -17,8 +17,6 @@ import netfold
 from netfold.graph.surgery import get_module
 from netfold.models import build_model
 
-torch.set_num_threads(2)
-
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -443,3 +441,501 @@ def test_unknown_op_freezes_group_and_reports_it():
     assert model.a.out_features == 8 and model.out.in_features == 24
     assert model.c.out_features == 4 and model.d.in_features == 4  # c's group is independent
     assert model(torch.randn(3, 6)).shape == (3, 3)
+
+
+# ---------------------------------------------------------------- merge: float64 reference
+def _merge_model() -> nn.Module:
+    """conv -> BN -> PReLU -> depthwise conv -> BN -> flatten -> Linear (4 columns per
+    channel), and a BN-free Linear -> Linear pair; float64, trained-like BN statistics."""
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.conv = nn.Conv2d(3, 8, 3, bias=True)
+    m.bn = nn.BatchNorm2d(8, eps=1e-3)
+    m.act = nn.PReLU(8)
+    m.dw = nn.Conv2d(8, 8, 3, groups=8, bias=True)
+    m.bn2 = nn.BatchNorm2d(8)
+    m.fc = nn.Linear(8 * 4, 5)
+    m.lin1 = nn.Linear(6, 7)
+    m.lin2 = nn.Linear(7, 3)
+    m = m.double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m.bn, m.bn2):
+            bn.weight.copy_(0.5 + torch.rand(8, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+            bn.running_mean.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(0.1 + 3 * torch.rand(8, generator=g, dtype=torch.float64))
+        m.act.weight.copy_(torch.rand(8, generator=g, dtype=torch.float64))
+        # correlated members (mean cosine ~0.8, inside the AR clamp) and an anti-correlated
+        # pair (negative mean cosine, clamped to 0) so every branch of the AR scale matters
+        for layer, same, anti in ((m.conv, [0, 2, 5], [1, 4]), (m.lin1, [0, 3, 6], [1, 2])):
+            w = layer.weight
+            base = w[same[0]].clone()
+            for i in same:
+                w[i] = (
+                    base
+                    + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64) * base.std()
+                )
+            w[anti[1]] = (
+                -w[anti[0]]
+                + 0.1 * torch.randn(base.shape, generator=g, dtype=torch.float64) * base.std()
+            )
+    return m.eval()
+
+
+def _merge_groups():
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    conv = ChannelGroup(
+        name="conv",
+        size=8,
+        producers=["conv"],
+        channel_ops=["bn", "act", "dw", "bn2"],
+        consumers=[Consumer("fc", 4)],
+        bn_of={"conv": "bn"},
+    )
+    lin = ChannelGroup(name="lin1", size=7, producers=["lin1"], consumers=[Consumer("lin2", 1)])
+    return conv, lin
+
+
+CONV_LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])  # clusters of 3, 2 and 3 channels
+LIN_LABELS = torch.tensor([0, 1, 1, 0, 2, 1, 0])  # 3, 3 and 1
+
+
+def _members(labels: torch.Tensor) -> list[list[int]]:
+    return [
+        [i for i in range(len(labels)) if int(labels[i]) == c] for c in range(int(labels.max()) + 1)
+    ]
+
+
+def _mean_cos(rows: list[torch.Tensor]) -> float:
+    """Mean cosine similarity over ordered pairs i != j (1 for a single row)."""
+    if len(rows) == 1:
+        return 1.0
+    vals = []
+    for i, a in enumerate(rows):
+        for j, b in enumerate(rows):
+            if i != j:
+                vals.append(float(a.flatten() @ b.flatten() / (a.norm() * b.norm())))
+    return sum(vals) / len(vals)
+
+
+def _reference_merge(m: nn.Module, mode: str, bn_var: str = "inverse_sigma") -> dict:
+    """The merged tensors written out member by member from ALGORITHMS.md, loop by loop.
+
+    ``bn_var``: "inverse_sigma" (the merged channel normalises by the mean of its members'
+    1 / sigma) or "mean_var" (the wrong rule, a negative control).
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def mean(ts):
+        return sum(ts) / len(ts)
+
+    cl = _members(CONV_LABELS)
+    sig = [math.sqrt(float(m.bn.running_var[i]) + m.bn.eps) for i in range(8)]
+    W, b = m.conv.weight.detach(), m.conv.bias.detach()
+    if mode == "ar":  # BN normalisation folded into the conv first
+        out["conv"] = {
+            "weight": torch.stack([mean([W[i] / sig[i] for i in c]) for c in cl]),
+            "bias": torch.stack([mean([b[i] / sig[i] for i in c]) for c in cl]),
+        }
+    else:
+        out["conv"] = {
+            "weight": torch.stack([mean([W[i] for i in c]) for c in cl]),
+            "bias": torch.stack([mean([b[i] for i in c]) for c in cl]),
+        }
+    for name in ("bn", "bn2"):
+        bn = getattr(m, name)
+        s = [math.sqrt(float(bn.running_var[i]) + bn.eps) for i in range(8)]
+        gamma = torch.stack([mean([bn.weight[i] for i in c]) for c in cl]).detach()
+        if mode == "ar" and name == "bn":
+            mu = torch.tensor(
+                [mean([float(bn.running_mean[i]) / s[i] for i in c]) for c in cl],
+                dtype=torch.float64,
+            )
+            var = torch.full((3,), 1.0 - bn.eps, dtype=torch.float64)
+            scale = [
+                math.sqrt(
+                    len(c) / (1 + (len(c) - 1) * min(max(_mean_cos([W[i] for i in c]), 0), 1))
+                )
+                for c in cl
+            ]
+            gamma = gamma * torch.tensor(scale, dtype=torch.float64)
+        else:
+            mu = torch.tensor(
+                [mean([float(bn.running_mean[i]) for i in c]) for c in cl], dtype=torch.float64
+            )
+            if bn_var == "inverse_sigma":
+                var = torch.tensor(
+                    [1.0 / mean([1.0 / s[i] for i in c]) ** 2 - bn.eps for c in cl],
+                    dtype=torch.float64,
+                )
+            else:
+                var = torch.tensor(
+                    [mean([float(bn.running_var[i]) for i in c]) for c in cl], dtype=torch.float64
+                )
+        out[name] = {
+            "weight": gamma,
+            "bias": torch.stack([mean([bn.bias[i] for i in c]) for c in cl]).detach(),
+            "running_mean": mu.double(),
+            "running_var": var.double(),
+        }
+    out["act"] = {"weight": torch.stack([mean([m.act.weight[i] for i in c]) for c in cl]).detach()}
+    out["dw"] = {
+        "weight": torch.stack([mean([m.dw.weight[i] for i in c]) for c in cl]).detach(),
+        "bias": torch.stack([mean([m.dw.bias[i] for i in c]) for c in cl]).detach(),
+    }
+    F = m.fc.weight.detach().reshape(5, 8, 4)  # channel i owns columns 4i..4i+3 (flatten)
+    out["fc"] = {"weight": torch.stack([sum(F[:, i] for i in c) for c in cl], 1).reshape(5, 12)}
+    ll = _members(LIN_LABELS)
+    W1, b1 = m.lin1.weight.detach(), m.lin1.bias.detach()
+    rows = []
+    for c in ll:
+        r = mean([W1[i] for i in c])
+        if mode == "ar":  # no BN: merged row keeps the members' mean squared norm
+            f = math.sqrt(mean([float(W1[i] @ W1[i]) for i in c]) / float(r @ r))
+            r = r * min(max(f, 1.0), math.sqrt(len(c)))
+        rows.append(r)
+    out["lin1"] = {
+        "weight": torch.stack(rows),
+        "bias": torch.stack([mean([b1[i] for i in c]) for c in ll]),
+    }
+    W2 = m.lin2.weight.detach()
+    out["lin2"] = {"weight": torch.stack([sum(W2[:, i] for i in c) for c in ll], 1)}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["naive", "ar"])
+def test_merge_matches_float64_reference_for_every_tensor_kind(mode):
+    from netfold.fold.merge import merge_group
+
+    m = _merge_model()
+    before = copy.deepcopy(m.state_dict())
+    conv, lin = _merge_groups()
+    state: dict = {}
+    merge_group(state, m, conv, CONV_LABELS, 3, mode)
+    merge_group(state, m, lin, LIN_LABELS, 3, mode)
+    assert _state_equal(m.state_dict(), before)  # functional: the model is untouched
+    ref = _reference_merge(m, mode)
+    assert set(state) == set(ref)
+    for mod, tensors in ref.items():
+        assert set(state[mod]) == set(tensors), mod
+        for t, want in tensors.items():
+            got = state[mod][t]
+            assert got.dtype == torch.float64 and got.shape == want.shape, (mod, t)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{mod}.{t}")
+    # negative control: the mean-variance BN rule is measurably different from the code's
+    wrong = _reference_merge(m, mode, bn_var="mean_var")
+    assert (wrong["bn2"]["running_var"] - state["bn2"]["running_var"]).abs().max() > 1e-2
+    if mode == "ar":  # the Fold-AR scale is really applied (> 1 for these clusters)
+        plain = _reference_merge(m, "naive")
+        gain = state["bn"]["weight"] / plain["bn"]["weight"]
+        assert 1.02 < float(gain[0]) < 1.3 and float(gain[1]) == pytest.approx(2**0.5, rel=1e-12)
+        f = state["lin1"]["weight"].norm(dim=1) / plain["lin1"]["weight"].norm(dim=1)
+        assert 1.02 < float(f[0]) < 1.3 and float(f[2]) == pytest.approx(1.0, rel=1e-12)
+
+
+# ---------------------------------------------------------------- repair on trained-like BN
+def _trained_like_cnn() -> nn.Sequential:
+    """float64 conv-BN-ReLU-conv-BN-ReLU-pool-Linear with BN statistics far from 0/1 and
+    ``num_batches_tracked`` > 0, as after training."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    ).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            n = bn.num_features
+            bn.running_mean.copy_(3.0 + torch.randn(n, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(5.0 + 4 * torch.rand(n, generator=g, dtype=torch.float64))
+            bn.weight.copy_(0.5 + torch.rand(n, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(n, generator=g, dtype=torch.float64))
+            bn.num_batches_tracked.fill_(37)
+            bn.momentum = 0.1
+    return m.eval()
+
+
+def test_repair_with_batch_reestimates_bn_statistics_and_fuses_repair():
+    """After the repair pass each BN's running stats are exactly the batch statistics of its
+    input (cumulative average restarted at 0), computed here independently in float64, and
+    the REPAIR correction of a BN-free producer is fused into its weight and bias."""
+    import torch.nn.functional as F
+
+    from netfold.fold.repair import repair_with_batch
+
+    m = _trained_like_cnn()
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tmean = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    tstd = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    W8, b8 = m[8].weight.detach().clone(), m[8].bias.detach().clone()
+
+    # independent forward in train-mode BN semantics (batch statistics, biased variance)
+    def bn_train(h, bn):
+        mu = h.mean((0, 2, 3))
+        var_b = h.var((0, 2, 3), unbiased=False)
+        y = (h - mu[:, None, None]) / torch.sqrt(var_b + bn.eps)[:, None, None]
+        return (
+            y * bn.weight.detach()[:, None, None] + bn.bias.detach()[:, None, None],
+            mu,
+            h.var((0, 2, 3), unbiased=True),
+        )
+
+    h1 = F.conv2d(x, m[0].weight.detach(), m[0].bias.detach(), padding=1)
+    y1, mu1, var1 = bn_train(h1, m[1])
+    h2 = F.conv2d(F.relu(y1), m[3].weight.detach(), m[3].bias.detach(), padding=1)
+    y2, mu2, var2 = bn_train(h2, m[4])
+    z = F.relu(y2).mean((2, 3)) @ W8.t() + b8
+    scale = tstd / z.std(0, unbiased=False)
+    shift = tmean - z.mean(0) * scale
+
+    snapshot = dict(m.state_dict())  # references, as a rollback snapshot would hold them
+    copies = {k: v.clone() for k, v in snapshot.items()}
+    report = repair_with_batch(m, x, {"8": (tmean, tstd)})
+    assert _state_equal(snapshot, copies)  # fresh buffers: the old tensors are not written
+    for bn, mu, var in ((m[1], mu1, var1), (m[4], mu2, var2)):
+        torch.testing.assert_close(bn.running_mean, mu, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-10)
+        assert int(bn.num_batches_tracked) == 1
+        assert bn.momentum == 0.1 and not bn.training  # settings restored
+    assert not m.training
+    torch.testing.assert_close(m[8].weight, W8 * scale[:, None], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m[8].bias, b8 * scale + shift, rtol=1e-10, atol=1e-10)
+    assert report["8"] == pytest.approx(float(scale.log().abs().mean()), rel=1e-9)
+    # negative control: a stale count (no reset) would average with the old statistics
+    stale = mu1 / 38.0
+    assert (m[1].running_mean - stale).abs().max() > 0.1
+
+
+def test_repair_without_reset_keeps_bn_statistics():
+    from netfold.fold.repair import repair_with_batch
+
+    m = _trained_like_cnn()
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    repair_with_batch(m, x, {}, reset_bn=False)
+    assert _state_equal(m.state_dict(), before)
+
+
+@pytest.mark.parametrize("mode", ["naive", "ar"])
+def test_group_features_layout_matches_reference(mode):
+    """The clustering features, column block by column block, from ALGORITHMS.md: producer
+    rows (divided by the paired BN's sigma for Fold-AR) and bias, per-channel BN/PReLU/
+    depthwise parameters, 1/sigma of unpaired BNs, consumer columns (all ``repeat`` columns
+    of a channel in one row)."""
+    from netfold.fold.merge import group_features
+
+    m = _merge_model()
+    conv, lin = _merge_groups()
+    got = group_features(m, conv, mode)
+    W = m.conv.weight.detach().reshape(8, -1)
+    b = m.conv.bias.detach()
+    s1 = torch.sqrt(m.bn.running_var + m.bn.eps)
+    s2 = torch.sqrt(m.bn2.running_var + m.bn2.eps)
+    blocks = [W / s1[:, None], (b / s1)[:, None]] if mode == "ar" else [W, b[:, None]]
+    blocks += [m.bn.weight[:, None], m.bn.bias[:, None]]
+    if mode != "ar":
+        blocks.append((1 / s1)[:, None])
+    blocks += [m.act.weight[:, None], m.dw.weight.reshape(8, -1), m.dw.bias[:, None]]
+    blocks += [m.bn2.weight[:, None], m.bn2.bias[:, None], (1 / s2)[:, None]]
+    F = m.fc.weight.detach().reshape(5, 8, 4)
+    blocks.append(torch.stack([F[:, i].reshape(-1) for i in range(8)]))
+    want = torch.cat([t.detach() for t in blocks], 1)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = group_features(m, lin, mode)
+    want = torch.cat([m.lin1.weight, m.lin1.bias[:, None], m.lin2.weight.t()], 1).detach()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_collect_inputs_accepts_tensors_batches_and_loaders():
+    from netfold.fold.repair import collect_inputs
+
+    x = torch.arange(40.0).reshape(10, 4)
+    y = torch.arange(10)
+    assert torch.equal(collect_inputs(x, max_samples=3), x[:3])
+    assert torch.equal(collect_inputs((x, y)), x)  # one (x, y) batch
+    assert torch.equal(collect_inputs([x[:4], x[4:]]), x)
+    assert torch.equal(collect_inputs([(x[:4], y[:4]), (x[4:], y[4:])], max_samples=6), x[:6])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    assert torch.equal(collect_inputs(loader, max_samples=5), x[:5])
+    assert torch.equal(collect_inputs(loader, max_samples=6), x[:6])
+    assert torch.equal(collect_inputs(loader, max_samples=7), x[:7])  # a third batch is read
+    x12 = torch.arange(48.0).reshape(12, 4)
+    for max_samples, batches in ((6, 2), (7, 3), (12, 4)):  # reads only the batches it needs
+        pulled = []
+
+        def batches_of_3(pulled=pulled):
+            for i in range(4):
+                pulled.append(i)
+                yield x12[3 * i : 3 * i + 3]
+
+        assert torch.equal(
+            collect_inputs(batches_of_3(), max_samples=max_samples), x12[:max_samples]
+        )
+        assert len(pulled) == batches
+    one_d = [torch.arange(3.0), torch.arange(3.0, 6.0)]  # two batches of 1-D inputs
+    assert torch.equal(collect_inputs(one_d), torch.arange(6.0))
+    with pytest.raises(RuntimeError):  # lengths differ: not one (x, y) batch but two batches
+        collect_inputs((x, y[:7]))
+    with pytest.raises(ValueError, match="no data"):
+        collect_inputs(None)
+    with pytest.raises(ValueError, match="empty"):
+        collect_inputs([])
+    with pytest.raises(TypeError, match="data must be"):
+        collect_inputs(3)
+    with pytest.raises(TypeError, match="batches must be"):
+        collect_inputs([[1, 2]])
+
+
+def test_producer_stats_are_float64_per_channel_moments():
+    from netfold.fold.repair import producer_stats
+
+    m = _trained_like_cnn()
+    m.train()
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    st = producer_stats(m, ["0", "8"], x)
+    assert m.training  # mode restored
+    h = torch.nn.functional.conv2d(x, m[0].weight, m[0].bias, padding=1).detach()
+    torch.testing.assert_close(st["0"][0], h.mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["0"][1], h.std((0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+    m.eval()
+    out = m(x).detach()
+    torch.testing.assert_close(st["8"][0], out.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["8"][1], out.std(0, unbiased=False), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- DIR on a trained model
+def _trained_digits_cnn():
+    """A conv-BN CNN trained for 6 epochs on scikit-learn's bundled 8x8 digits (~2 s);
+    returns the model and the held-out (x, y) split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(6):
+        p = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(p), 64):
+            b = p[i : i + 64]
+            loss = nn.functional.cross_entropy(model(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), X[te], y[te]
+
+
+@pytest.mark.slow
+def test_dir_beats_no_repair_on_a_trained_model():
+    """Deep-Inversion repair recovers accuracy that plain folding loses. Measured on this
+    model (397 held-out digits, dense 0.99): ratio 0.5: none 0.81, dir 0.96; ratio 0.75:
+    none 0.62, dir 0.76."""
+    model, x, y = _trained_digits_cnn()
+
+    def acc(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == y).float().mean())
+
+    assert acc(model) > 0.95
+    for ratio in (0.5, 0.75):
+        res = {}
+        for repair in ("none", "dir"):
+            m = copy.deepcopy(model)
+            cfg = netfold.FoldConfig(
+                ratio=ratio,
+                repair=repair,
+                n_init=2,
+                deep_inversion=netfold.DeepInversionConfig(
+                    batch_size=64, steps=100, num_classes=10
+                ),
+            )
+            netfold.fold(m, cfg, example_inputs=x[:2])
+            res[repair] = acc(m)
+        assert res["dir"] > res["none"] + 0.08, (ratio, res)
+    assert res["dir"] > 0.65  # ratio 0.75
+
+
+def test_group_features_promote_to_the_widest_dtype():
+    """Features of a group whose tensors differ in dtype come out in the widest one,
+    whichever block (first or later) carries it."""
+    from netfold.fold.merge import group_features
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    for first, second in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        m = nn.Module()
+        m.a = nn.Linear(3, 4, bias=False).to(first)
+        m.b = nn.Linear(4, 2, bias=False).to(second)
+        g = ChannelGroup(name="a", size=4, producers=["a"], consumers=[Consumer("b")])
+        X = group_features(m, g, "naive")
+        assert X.dtype == torch.float64
+        want = torch.cat([m.a.weight.double(), m.b.weight.double().t()], 1).detach()
+        torch.testing.assert_close(X, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("eps", "var"), [(1e-5, 1.0 - 1e-5), (1.0, 0.0), (1.5, 1.0)])
+def test_ar_paired_bn_gets_unit_normalisation(eps, var):
+    """With Fold-AR the BN normalisation moves into the conv, so the merged BN must divide by
+    sqrt(running_var + eps) = 1: running_var = 1 - eps, which is valid (>= 0) up to eps = 1.
+    Beyond that no variance can do it and the code falls back to running_var = 1."""
+    from netfold.fold.merge import merge_group
+
+    m = _merge_model()
+    m.bn.eps = eps
+    conv, _ = _merge_groups()
+    state: dict = {}
+    merge_group(state, m, conv, CONV_LABELS, 3, "ar")
+    torch.testing.assert_close(
+        state["bn"]["running_var"], torch.full((3,), var, dtype=torch.float64), rtol=0, atol=1e-15
+    )
+
+
+def test_repair_pass_feeds_corrected_outputs_forward():
+    """REPAIR on an early producer corrects its output during the same pass, so the BN after
+    it records the corrected statistics; dropout is off during the pass even for a model in
+    train mode, modes are restored and no hook is left behind."""
+    from netfold.fold.repair import producer_stats, repair_with_batch
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    m = m.double().train()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    tmean = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    tstd = torch.tensor([0.1, 3.0, 0.7], dtype=torch.float64)  # scales below and above 1
+    with torch.no_grad():
+        h = m[0](x)
+    scale = tstd / h.std(0, unbiased=False)
+    assert bool((scale < 1).any() and (scale > 1).any())
+    report = repair_with_batch(m, x, {"0": (tmean, tstd)})
+    assert report["0"] == pytest.approx(float(scale.log().abs().mean()), rel=1e-9)
+    torch.testing.assert_close(m[2].running_mean, tmean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m[2].running_var, tstd**2 * 64 / 63, rtol=1e-10, atol=1e-10)
+    assert m.training and m[1].training and m[2].training  # the caller's modes
+    assert all(not mod._forward_hooks for mod in m.modules())
+    producer_stats(m, ["0", "3"], x)
+    assert all(not mod._forward_hooks for mod in m.modules())
+    assert m.training

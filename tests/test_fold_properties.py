@@ -30,7 +30,6 @@ import netfold.api as api
 from netfold.fold import run as fold_run
 from netfold.graph.surgery import get_module
 
-torch.set_num_threads(1)
 HW = 4  # every block keeps the 4x4 spatial size
 
 

@@ -233,22 +233,184 @@ def test_cuda_matches_cpu():
     assert torch.equal(gpu.labels, again.labels)
 
 
+def _kmeanspp_violations(
+    X: torch.Tensor, seeds: torch.Tensor, firsts: list[int], us: list[torch.Tensor], rtol: float
+) -> list[str]:
+    """Where ``seeds`` (runs, k) is not a greedy k-means++ path for the draws ``firsts``/``us``.
+
+    An independent float64 replay: each step's candidates come from the step's uniform draws
+    (inverse CDF of the squared distance to the nearest chosen seed) and the chosen one must
+    have the lowest potential among them. Both comparisons carry a relative tolerance
+    ``rtol``: at an exact tie (equal potentials, or a draw on a CDF boundary) any of the tied
+    candidates is a correct choice, and which one a float sum picks depends on the CPU's
+    SIMD kernels, so the replay follows the path under test instead of comparing indices.
+    """
+    X64 = X.to(torch.float64)
+    sq = (X64 * X64).sum(1)
+    D = (sq[:, None] + sq[None, :] - 2.0 * X64 @ X64.t()).clamp_min(0.0)  # (n, n)
+    bad: list[str] = []
+    for r, path in enumerate(seeds.tolist()):
+        if path[0] != firsts[r]:
+            bad.append(f"run {r}: first seed {path[0]} != drawn {firsts[r]}")
+            continue
+        closest = D[path[0]].clone()
+        for c in range(1, len(path)):
+            cum = torch.cumsum(closest, 0)
+            tol = rtol * float(cum[-1])
+            target = us[r][c - 1] * cum[-1]  # (trials,)
+            lo = torch.cat([torch.zeros(1, dtype=cum.dtype), cum[:-1]])
+            # candidate j covers (lo_j, cum_j]; widen by tol so boundary draws allow both sides
+            ok = (lo[None, :] - tol <= target[:, None]) & (target[:, None] <= cum[None, :] + tol)
+            ok[:, -1] |= target > cum[-1]  # searchsorted past the end clamps to n - 1
+            pick = path[c]
+            if not bool(ok[:, pick].any()):
+                bad.append(f"run {r} step {c}: seed {pick} is not a drawn candidate")
+                break
+            pots = torch.minimum(D, closest).sum(1)  # (n,) potential after choosing j
+            # each trial drew one of its allowed candidates; at worst the highest-potential one
+            per_trial = torch.where(ok, pots[None, :], torch.full_like(pots, -1.0)).amax(1)
+            best = float(per_trial.min())
+            pot = float(pots[pick])
+            if pot > best * (1.0 + rtol):
+                bad.append(f"run {r} step {c}: potential {pot} > best candidate's {best}")
+                break
+            closest = torch.minimum(D[pick], closest)
+    return bad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batched_seeding_equals_sequential_kmeanspp(dtype):
-    """The lockstep NumPy seeding of n_init runs draws and chooses what one run at a time does."""
+def test_batched_seeding_is_greedy_kmeanspp_on_the_same_draws(dtype):
+    """The lockstep NumPy seeding of n_init runs uses the draws one run at a time would use
+    and makes greedy k-means++ choices, checked against a float64 replay with a tolerance.
+
+    Indices are not compared between NumPy and torch: at a near-tie of two candidates' potentials
+    the two libraries' float sums round differently on different CPUs (AMD vs Intel SIMD) and
+    either choice is correct.
+    """
     from netfold.fold import kmeans as K
 
     X = torch.randn(300, 400, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    space = K._GramSpace(X - X.mean(0, keepdim=True))
+    Xc = X - X.mean(0, keepdim=True)
+    space = K._GramSpace(Xc)
     k, runs = 120, 4
+    trials = 2 + int(math.log(k))
+    gen = torch.Generator().manual_seed(5)
+    firsts, us = [], []
+    for _ in range(runs):  # the draw order both implementations document
+        firsts.append(int(torch.randint(300, (1,), generator=gen)))
+        us.append(torch.rand(k - 1, trials, generator=gen, dtype=torch.float64))
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
     batch = K._kmeanspp_gram_cpu_batch(space, k, torch.Generator().manual_seed(5), runs)
+    assert batch.shape == (runs, k)
+    assert all(len(set(row.tolist())) == k for row in batch)  # k distinct points per run
+    assert _kmeanspp_violations(Xc, batch, firsts, us, rtol) == []
     gen = torch.Generator().manual_seed(5)
     seq = torch.stack([K._kmeanspp(space, k, gen) for _ in range(runs)])
-    assert batch.shape == (runs, k)
-    assert (seq == batch).float().mean() > 0.99  # float32 sums may round a near-tie otherwise
-    if dtype == torch.float64:
-        assert torch.equal(seq, batch)
-    # negative control: another seed gives other seeds
+    assert _kmeanspp_violations(Xc, seq, firsts, us, rtol) == []
+    # the seedings are good ones, and the two implementations' potentials agree closely
+    X64 = Xc.double()
+
+    def potential(idx: torch.Tensor) -> float:
+        C = X64[idx]
+        return float(torch.cdist(X64, C).pow(2).min(1).values.sum())
+
+    for r in range(runs):
+        assert potential(batch[r]) == pytest.approx(potential(seq[r]), rel=0.02)
+    # negative controls: a worse candidate at one step, and another seed's seedings
+    broken = batch.clone()
+    D = torch.cdist(X64, X64).pow(2)
+    closest = D[broken[0, :10]].min(0).values
+    worst = int(torch.argmax(torch.minimum(D, closest).sum(1)))  # a far-from-greedy choice
+    broken[0, 10] = worst
+    assert _kmeanspp_violations(Xc, broken, firsts, us, rtol)
     other = K._kmeanspp_gram_cpu_batch(space, k, torch.Generator().manual_seed(6), runs)
     assert not torch.equal(other, batch)
-    assert all(len(set(row.tolist())) == k for row in batch)  # k distinct points per run
+    assert _kmeanspp_violations(Xc, other, firsts, us, rtol)
+
+
+# ------------------------------------------------------- every clustering method, planted blobs
+@pytest.mark.parametrize(
+    "method",
+    [
+        "kmeans",
+        "agglomerative-ward",
+        "agglomerative-complete",
+        "agglomerative-average",
+        "agglomerative-single",
+        "spectral",
+        "greedy",
+    ],
+)
+@pytest.mark.parametrize("d", [6, 120])  # direct features and d > n (exact Gram reduction)
+def test_every_cluster_method_recovers_planted_clusters(method, d):
+    """Well-separated blobs of unequal sizes: exact partition up to relabelling, canonical
+    labels (first appearance order) and the folding cost equal to the blobs' scatter."""
+    from netfold.config import CLUSTER_METHODS
+    from netfold.fold.cluster import cluster
+
+    assert method in CLUSTER_METHODS
+    g = torch.Generator().manual_seed(21)
+    # unequal sizes, each above spectral's 10 nearest neighbours (a smaller blob is linked to
+    # other blobs in its k-NN graph and cannot be separated: a property of that affinity)
+    sizes = [12, 17, 11, 14, 20, 13]
+    truth = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    truth = truth[torch.randperm(len(truth), generator=g)]
+    centers = 20.0 * torch.randn(len(sizes), d, generator=g, dtype=torch.float64)
+    X = centers[truth] + 0.1 * torch.randn(len(truth), d, generator=g, dtype=torch.float64)
+    res = cluster(X, len(sizes), method, seed=0)
+    assert adjusted_rand_score(truth.numpy(), res.labels.numpy()) == 1.0
+    first = [int(res.labels[(truth == t).nonzero()[0, 0]]) for t in truth.unique(sorted=False)]
+    assert res.labels[0] == 0 and int(res.labels.max()) == len(sizes) - 1
+    assert len(set(first)) == len(sizes)
+    seen: list[int] = []
+    for v in res.labels.tolist():  # canonical: ids appear in increasing order
+        if v not in seen:
+            assert v == len(seen)
+            seen.append(v)
+    scatter = sum(float(((X[truth == t] - X[truth == t].mean(0)) ** 2).sum()) for t in range(6))
+    assert res.cost == pytest.approx(scatter, rel=1e-9)
+    # negative control: the cost of a wrong partition (two blobs swapped a member) is far higher
+    wrong = res.labels.clone()
+    i, j = int((res.labels == 0).nonzero()[0, 0]), int((res.labels == 1).nonzero()[0, 0])
+    wrong[i], wrong[j] = 1, 0
+    from netfold.fold.cluster import folding_cost
+
+    assert folding_cost(X, wrong, 6) > 100 * scatter
+
+
+def test_greedy_merges_the_closest_pair_first():
+    from netfold.fold.cluster import greedy_pairing
+
+    X = torch.tensor([[0.0], [10.0], [10.5], [30.0], [31.5]], dtype=torch.float64)
+    assert greedy_pairing(X, 4).tolist() == [0, 1, 1, 2, 3]
+    assert greedy_pairing(X, 3).tolist() == [0, 1, 1, 2, 2]
+    assert greedy_pairing(X, 2).tolist() == [0, 0, 0, 1, 1]
+    # merged clusters are represented by their (size-weighted) centroid: after {10, 11} merge
+    # at 10.5, 5.3 is 5.2 from it and 5.3 from 0 (with 11 as the "centroid" it would join 0)
+    X = torch.tensor([[0.0], [5.3], [10.0], [11.0]], dtype=torch.float64)
+    assert greedy_pairing(X, 2).tolist() == [0, 1, 1, 1]
+
+
+# gaps 1, 1.1, 1.2, 1.3, 1.4, 1.6 between seven points on a line; partitions worked out by hand
+_LINE = [0.0, 1.0, 2.1, 3.3, 4.6, 6.0, 7.6]
+_LINKAGE = {
+    # single: cut the largest gaps
+    "agglomerative-single": ([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1, 2]),
+    # complete: ab(1), cd(1.2), ef(1.4), ef+g (max 3.0 < ab-cd 3.3), then ab+cd (3.3)
+    "agglomerative-complete": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2]),
+    # average: ab, cd, ef, then ab+cd (mean 2.2 < ef-g 2.3 < cd-ef 2.6), then ef+g
+    "agglomerative-average": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 2]),
+    # centroids: ab, cd, ef, then 0.5-2.7 (2.2) before 5.3-7.6 (2.3), then efg
+    "greedy": ([0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_LINKAGE))
+def test_linkages_differ_as_worked_out_by_hand(method):
+    """Each method name reaches its own linkage: on a chain of points they disagree."""
+    from netfold.fold.cluster import cluster
+
+    X = torch.tensor(_LINE, dtype=torch.float64)[:, None]
+    two, three = _LINKAGE[method]
+    assert cluster(X, 2, method).labels.tolist() == two
+    assert cluster(X, 3, method).labels.tolist() == three

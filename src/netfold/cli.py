@@ -1,19 +1,24 @@
-"""netfold command line: thin wrappers around the Python API.
+"""netfold command line: thin wrappers around the Python API, one loader (:mod:`netfold.hub`).
 
-    netfold fold MODEL (--ratio R | --target-sparsity S) [--repair ar] --out DIR
-    netfold eval MODEL --data fashion-mnist
-    netfold demo
+    netfold fold MODEL (--ratio R | --target-sparsity S) [--repair ar] [--dtype bf16] --out DIR
+    netfold eval MODEL [--data fashion-mnist] [--ppl pydocs]
     netfold export MODEL --onnx out.onnx
     netfold bench-latency MODEL
     netfold collapse MODEL --data fashion-mnist --lc 1.0 --epochs 2 --out DIR
+    netfold demo
 
-LLMs: MODEL is a Hugging Face folder, a ``.gguf`` file or a hub id, e.g.
-    netfold fold SmolLM2.gguf --target-sparsity 0.2 --ppl pydocs --out DIR
-    netfold eval DIR --ppl pydocs --seqlen 1024
+Every command reads every MODEL the others write, so they chain:
 
-MODEL is a saved netfold directory (netfold.json inside), a checkpoint trained by
-benchmarks/train_fmnist.py (``.safetensors`` with its ``.json``), or an architecture name
-(``resnet18`` for torchvision, ``netfold:resnet18_cifar``) with ``--weights FILE``.
+    netfold fold resnet18 --model-kwargs '{"num_classes": 10}' --input-shape 3,64,64 --out r18/
+    netfold eval r18/ && netfold export r18/ --onnx r18.onnx && netfold bench-latency r18/
+
+MODEL is a saved netfold folder (netfold.json), a Hugging Face folder (config.json), a
+``.gguf`` file, a checkpoint trained by benchmarks/train_fmnist.py (``.safetensors`` with its
+``.json``), ``smollm2``, an architecture name (``resnet18`` for torchvision,
+``netfold:resnet18_cifar``, ``timm:NAME``) with ``--weights FILE`` / ``--model-kwargs JSON``,
+or a hub id (``org/name``: needs the network; offline it fails at once). The input shape of
+image models is recorded in the folder ``fold`` writes, so ``eval`` / ``export`` /
+``bench-latency`` reuse it; ``--input-shape`` overrides it, a guessed shape is warned about.
 
 Exit status: 0 on success; 2 for a usage error (bad option, bad input file or model, an output
 path that cannot be written: checked before any work), with a one-line ``netfold: error: ...``;
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import io
+from . import hub, io
 from .config import (
     ALLOCATIONS,
     LLM_FEATURES,
@@ -119,89 +124,6 @@ def positive(args: argparse.Namespace, *names: str) -> None:
             raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
 
 
-def _load_netfold_dir(d: Path, verify: bool = True) -> nn.Module:
-    """io.load with a damaged save reported as one ValueError naming its netfold.json."""
-    meta = d / "netfold.json"
-    try:
-        return io.load(d, verify=verify)
-    except (KeyError, AttributeError, TypeError, IndexError) as e:
-        # A file written by hand or cut short: its contents, not netfold, are at fault.
-        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{meta} is damaged ({_one_line(detail)})") from None
-    except (ValueError, RuntimeError) as e:  # bad JSON, unknown arch, weights that do not fit
-        msg = _one_line(e)
-        raise ValueError(msg if str(d) in msg else f"{meta}: {msg}") from None
-
-
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
-
-
-def load_any(
-    spec: str, *, weights: str | None = None, kwargs: dict | None = None, verify: bool = True
-) -> nn.Module:
-    """Load a model from a netfold dir, a training checkpoint, or an architecture spec.
-
-    Raises:
-        FileNotFoundError: ``spec`` or ``weights`` names a path that does not exist, or a
-            folder that holds no saved model.
-        ValueError: a damaged save, an unknown architecture, weights that do not fit it.
-    """
-    p = Path(spec)
-    if p.is_dir():
-        if (p / "netfold.json").is_file():
-            return _load_netfold_dir(p, verify=verify)
-        raise FileNotFoundError(f"{spec} is a folder without netfold.json: not a saved model")
-    if p.suffix in MODEL_FILE_SUFFIXES:
-        if not p.is_file():
-            raise FileNotFoundError(f"model file {spec} does not exist")
-        if not p.with_suffix(".json").is_file():
-            raise FileNotFoundError(
-                f"{spec}: a training checkpoint needs its {p.with_suffix('.json').name} next to "
-                "it; for a bare state_dict pass the architecture name and --weights FILE"
-            )
-        from .models.train import load_checkpoint
-
-        model, info = load_checkpoint(p)
-        return io.set_arch(model, f"netfold:{info['arch']}", info["model_kwargs"])
-    if ":" not in spec and ("/" in spec or spec.startswith((".", "~"))):
-        raise FileNotFoundError(f"model path {spec} does not exist")
-    arch = spec if ":" in spec else f"torchvision:{spec}"
-    if weights and not Path(weights).is_file():
-        raise FileNotFoundError(f"--weights {weights} does not exist")
-    model = io.build(arch, kwargs or {})
-    if weights:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(f"--weights {weights} do not fit {arch}: {first}") from None
-    return model.eval()
-
-
-def is_llm_spec(spec: str) -> bool:
-    """A GGUF file, a Hugging Face model folder, or a hub id ("org/name")."""
-    p = Path(spec)
-    if p.suffix == ".gguf":
-        return True
-    if p.is_dir():
-        return (p / "config.json").is_file() and not (p / "netfold.json").is_file()
-    # A hub id is exactly "org/name"; a missing local path must not be sent to the hub.
-    return (
-        spec.count("/") == 1
-        and ":" not in spec
-        and not spec.startswith((".", "/", "~"))
-        and p.suffix not in MODEL_FILE_SUFFIXES
-        and not p.exists()
-    )
-
-
 def _llm_ids(source: str, tokenizer, split: str = "eval") -> torch.Tensor:
     """Token ids (T,) of an evaluation text: "pydocs", "wikitext2", a text file or a .pt file."""
     if source.endswith(".pt"):
@@ -216,13 +138,88 @@ def _llm_ids(source: str, tokenizer, split: str = "eval") -> torch.Tensor:
     return tokenizer(load_text(source, split), return_tensors="pt").input_ids[0]
 
 
-def cmd_fold_llm(args: argparse.Namespace) -> int:
+def model_args(
+    p: argparse.ArgumentParser, *, dtypes: tuple[str, ...] = (), dtype_help: str = ""
+) -> None:
+    """The model options every command shares: MODEL, --weights, --model-kwargs, --no-verify."""
+    p.add_argument(
+        "model",
+        help="saved netfold or Hugging Face folder, .gguf file, training checkpoint, smollm2, "
+        "architecture (resnet18, netfold:small_cnn, timm:NAME) or hub id (org/name)",
+    )
+    p.add_argument(
+        "--weights", help="state_dict file (.safetensors or .pth) for an architecture name"
+    )
+    p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help="constructor kwargs of an architecture name as JSON, e.g. '{\"num_classes\": 10}'",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load a saved folder without checking its checksums and finite weights",
+    )
+    if dtypes:
+        p.add_argument("--dtype", choices=dtypes, default=None, help=dtype_help)
+
+
+def input_shape_arg(p: argparse.ArgumentParser) -> None:
+    """``--input-shape C,H,W``: one sample's input shape for models that take a tensor."""
+    p.add_argument(
+        "--input-shape",
+        help="C,H,W of one input (default: recorded by netfold fold, 3,224,224 for "
+        "torchvision/timm models, 32x32 for netfold models, else a guess)",
+    )
+
+
+def load_model(args: argparse.Namespace, *, dtype: str | None = None):
+    """``hub.load`` on the shared model options of ``args``: (model, tokenizer, info)."""
+    return hub.load(
+        args.model,
+        weights=args.weights,
+        kwargs=json_option(args.model_kwargs, "--model-kwargs"),
+        dtype=dtype,
+        verify=not args.no_verify,
+    )
+
+
+def resolve_input_shape(
+    info: hub.LoadInfo, arg: tuple[int, ...] | None, *, image_size: int | None = None
+) -> tuple[tuple[int, ...], str]:
+    """The input shape to use and where it comes from; warns on stderr when it is a guess.
+
+    Raises:
+        ValueError: no shape is known and none was given.
+    """
+    if arg is not None:
+        return arg, "from --input-shape"
+    shape, note = info.input_shape, info.input_note
+    if shape is None:
+        raise ValueError(f"cannot tell the input shape of {info.spec} ({note}): pass --input-shape")
+    if image_size is not None:
+        if len(shape) != 3:
+            raise ValueError(f"--image-size applies to C,H,W inputs; {info.spec} takes {shape}")
+        return (shape[0], image_size, image_size), "from --image-size"
+    if info.shape_guessed:
+        print(
+            f"netfold: warning: input shape {shape} of {info.spec} is a guess ({note}); "
+            "pass --input-shape C,H,W if the model was trained on another size",
+            file=sys.stderr,
+        )
+    return shape, note
+
+
+def _save_dtype(model: nn.Module, name: str | None) -> nn.Module:
+    return model if name is None else model.to(hub.DTYPES[name])
+
+
+def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     from .api import fold
     from .config import LLMConfig
     from .eval.perplexity import greedy_sample, perplexity
-    from .families.llama import config_extension, load_causal_lm, save_pretrained
+    from .families.llama import config_extension, save_pretrained
 
-    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     ratio = args.ratio
     if ratio is None and args.target_sparsity is None:
         ratio = 0.2  # LLMs lose far more per channel than CNNs: a milder default
@@ -242,6 +239,7 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
             synth_start=args.synth_start,
         ),
     )
+    print(f"input: token ids (batch, seq_len); vocabulary {model.config.vocab_size:,}")
     data = None
     if args.repair == "data":
         from .data.text import token_windows
@@ -269,20 +267,38 @@ def cmd_fold_llm(args: argparse.Namespace) -> int:
             sample_prompt=prompt, sample_before=before["sample"], sample_after=after_s
         )
     if args.out:
-        d = save_pretrained(model, args.out, tok, metadata={"report": report.to_dict()})
+        model = _save_dtype(model, args.dtype)
+        metadata = {"report": report.to_dict()}
+        if getattr(model, io.ARCH_ATTR, None) is not None:
+            # Encoders with folded heads are marked for the netfold format, which replays the
+            # head edits on load (stock from_pretrained would refuse the folded shapes).
+            d = io.save(model, args.out, metadata=metadata)
+            if tok is not None:
+                tok.save_pretrained(d)  # beside a complete save: hub.load picks it up
+        else:
+            d = save_pretrained(model, args.out, tok, metadata=metadata)
         note = config_extension(d)
-        print(f"saved to {args.out}" + (f" ({note})" if note else ""))
+        print(f"saved to {args.out} ({_dtype_name(model)})" + (f" ({note})" if note else ""))
     return 0
 
 
-def cmd_eval_llm(args: argparse.Namespace) -> int:
+def _dtype_name(model: nn.Module) -> str:
+    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dt).removeprefix("torch.")
+
+
+def cmd_eval_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     from .eval.cost import count_params
     from .eval.perplexity import default_seqlen, perplexity
-    from .families.llama import embedding_params, load_causal_lm
+    from .families.llama import embedding_params
 
-    model, tok = load_causal_lm(args.model, verify=not args.no_verify)
     n = count_params(model)
-    print(f"params {n:,} ({n - embedding_params(model):,} non-embedding)")
+    try:
+        emb = f" ({n - embedding_params(model):,} non-embedding)"
+    except (AttributeError, TypeError, ValueError):  # a model without a token embedding table
+        emb = ""
+    print(f"params {n:,}{emb}")
+    print(f"input: token ids (batch, seq_len); dtype {_dtype_name(model)}")
     if args.ppl:
         ids = _llm_ids(args.ppl, tok)
         seqlen = default_seqlen(model, args.seqlen)
@@ -309,7 +325,8 @@ DATASETS = ("fashion-mnist",)
 def _check_dataset(name: str | None) -> None:
     if name is not None and name not in DATASETS:
         raise ValueError(
-            f"--data {name!r} is unknown: only {', '.join(DATASETS)} ships with these machines"
+            f"--data {name!r} is unknown: only {', '.join(DATASETS)} (or none) ships with these "
+            "machines"
         )
 
 
@@ -342,19 +359,24 @@ def _check_fits(model: nn.Module, x: torch.Tensor, what: str) -> None:
         model.train(was)
 
 
+def _no_data(name: str | None) -> str | None:
+    return None if name in (None, "none") else name
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from .api import fold
     from .eval.accuracy import evaluate_accuracy
 
+    # Every option is checked before the model is loaded.
     check_output(args.out, "--out")
     positive(args, "calib", "calib_windows", "round_to", "seqlen", "max_windows")
-    if is_llm_spec(args.model):
-        return cmd_fold_llm(args)
-    kwargs = json_option(args.model_kwargs, "--model-kwargs")
-    _check_dataset(args.data)
-    if args.repair == "data" and args.data is None:
+    json_option(args.model_kwargs, "--model-kwargs")
+    data_name = _no_data(args.data)
+    _check_dataset(data_name)
+    shape_arg = _input_shape(args.input_shape)
+    tokens = hub.is_token_spec(args.model)
+    if args.repair == "data" and data_name is None and not tokens:
         raise ValueError("--repair data needs calibration images: pass --data fashion-mnist")
-    shape = _input_shape(args.input_shape)
     cfg = FoldConfig(
         ratio=args.ratio,
         target_sparsity=args.target_sparsity,
@@ -368,16 +390,21 @@ def cmd_fold(args: argparse.Namespace) -> int:
             steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
         ),
     )
-    model = load_any(args.model, weights=args.weights, kwargs=kwargs, verify=not args.no_verify)
-    test, calib = _data(args.data, args.calib)
-    example = None
-    if shape is not None:
-        example = torch.randn((2,) + shape, generator=torch.Generator().manual_seed(0))
-        _check_fits(model, example, "--input-shape")
-    elif calib is not None:
-        example = calib[:2]
+    model, tok, info = load_model(args)
+    if info.kind == "tokens":
+        return cmd_fold_llm(args, model, tok)
+    if args.repair == "data" and data_name is None:
+        raise ValueError("--repair data needs calibration images: pass --data fashion-mnist")
+    test, calib = _data(data_name, args.calib)
+    if shape_arg is None and calib is not None:
+        shape, note = tuple(calib.shape[1:]), f"from --data {data_name}"
+    else:
+        shape, note = resolve_input_shape(info, shape_arg)
+    example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)).to(info.dtype)
+    _check_fits(model, example, "--input-shape" if shape_arg else f"the {note}")
+    print(f"input shape {shape} ({note})")
     if test is not None:
-        _check_fits(model, test[0][:2], f"--data {args.data}")
+        _check_fits(model, test[0][:2].to(info.dtype), f"--data {data_name}")
         acc0 = evaluate_accuracy(model, *test)
     report = fold(
         model,
@@ -392,8 +419,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
         print(f"  accuracy {100 * acc0:.2f}% -> {100 * acc1:.2f}%")
         report.extra.update(accuracy_before=acc0, accuracy_after=acc1)
     if args.out:
-        io.save(model, args.out, metadata={"report": report.to_dict()})
-        print(f"saved to {args.out}")
+        model = _save_dtype(model, args.dtype)
+        meta = {"report": report.to_dict(), "input_shape": list(shape)}
+        io.save(model, args.out, metadata=meta)
+        print(f"saved to {args.out} ({_dtype_name(model)})")
     return 0
 
 
@@ -402,25 +431,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cost import count_flops, count_params
 
     positive(args, "seqlen", "max_windows")
-    if is_llm_spec(args.model):
-        return cmd_eval_llm(args)
-    data = None if args.data == "none" else args.data
+    json_option(args.model_kwargs, "--model-kwargs")
+    data = _no_data(args.data)
     _check_dataset(data)
-    model = load_any(
-        args.model,
-        weights=args.weights,
-        kwargs=json_option(args.model_kwargs, "--model-kwargs"),
-        verify=not args.no_verify,
-    )
+    shape_arg = _input_shape(args.input_shape)
+    model, tok, info = load_model(args, dtype=args.dtype)
+    if info.kind == "tokens":
+        return cmd_eval_llm(args, model, tok)
     test, _ = _data(data, 64)
     print(f"params {count_params(model):,}")
-    if test is not None:
-        x = test[0][:1]
+    if test is not None and shape_arg is None:
+        x = test[0][:1].to(info.dtype)
         _check_fits(model, x, f"--data {data}")
-        print(f"FLOPs  {count_flops(model, x):,} per image")
-        print(
-            f"accuracy {100 * evaluate_accuracy(model, *test):.2f}% on {data} test ({len(test[1])} images)"
-        )
+        note = f"from --data {data}"
+    else:
+        shape, note = resolve_input_shape(info, shape_arg)
+        x = torch.zeros((1, *shape), dtype=info.dtype)
+        _check_fits(model, x, "--input-shape" if shape_arg else f"the {note}")
+    print(f"input shape {tuple(x.shape[1:])} ({note}); dtype {_dtype_name(model)}")
+    print(f"FLOPs  {count_flops(model, x):,} per input")
+    if test is not None:
+        xs, ys = test
+        _check_fits(model, xs[:1].to(info.dtype), f"--data {data}")
+        acc = evaluate_accuracy(model, xs.to(info.dtype), ys)
+        print(f"accuracy {100 * acc:.2f}% on {data} test ({len(ys)} images)")
     return 0
 
 
@@ -430,32 +464,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main([])
 
 
+EXAMPLES = """\
+examples:
+  netfold fold resnet18 --model-kwargs '{"num_classes": 10}' --input-shape 3,64,64 --ratio 0.5 --out r18/
+  netfold eval r18/                      # params and FLOPs at the recorded input shape
+  netfold export r18/ --onnx r18.onnx    # checked against ONNX Runtime
+  netfold bench-latency r18/ --batch 1 8
+  netfold fold smollm2 --target-sparsity 0.2 --ppl pydocs --out smol/ --dtype bf16
+  netfold eval smol/ --ppl pydocs --seqlen 1024
+  netfold fold netfold:small_cnn --weights w.safetensors --data fashion-mnist --out cnn/
+  netfold collapse cnn/ --data fashion-mnist --lc 1.0 --epochs 2 --out cnn-lc/
+
+MODEL: a folder netfold wrote (netfold.json or a Hugging Face folder), a .gguf file, a
+training checkpoint (.safetensors + .json), smollm2, an architecture name (resnet18,
+netfold:small_cnn, timm:NAME) with --weights/--model-kwargs, or a hub id (org/name; needs
+network, fails at once offline). Exit status: 0 ok, 2 usage error, 1 internal error.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(
-        prog="netfold", description="Compress trained PyTorch networks without data."
+        prog="netfold",
+        description="Compress trained PyTorch networks without data.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--version", action="version", version=f"netfold {__version__}")
     # Read by main() wherever it appears on the line; declared here for --help.
     ap.add_argument("--debug", action="store_true", help="print the traceback of an error")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    def model_args(p):
-        p.add_argument(
-            "model",
-            help="netfold dir, training checkpoint, or architecture (resnet18, netfold:resnet18_cifar)",
-        )
-        p.add_argument(
-            "--weights", help="state_dict file (.safetensors or .pth) for an architecture name"
-        )
-        p.add_argument(
-            "--model-kwargs",
-            default="{}",
-            help="constructor kwargs as JSON, e.g. '{\"num_classes\": 10}'",
-        )
-        p.add_argument(
-            "--no-verify",
-            action="store_true",
-            help="load a saved folder without checking its checksums and finite weights",
-        )
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def llm_args(p):
         p.add_argument(
@@ -464,17 +503,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seqlen", type=int, help="LLM window (default 2048 or the model's max)")
         p.add_argument("--max-windows", type=int, help="score only the first N windows")
 
+    dtypes = ("fp32", "fp16", "bf16")
     p = sub.add_parser("fold", help="fold a model (in a copy on disk)")
-    model_args(p)
+    model_args(
+        p, dtypes=dtypes, dtype_help="dtype of the saved model (default: the loaded model's)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--ratio", type=float, help="fraction of channels removed per group (default 0.5)"
     )
     g.add_argument("--target-sparsity", type=float, help="fraction of parameters to remove")
-    p.add_argument("--repair", choices=REPAIRS, default="ar")
-    p.add_argument("--method", choices=METHODS, default="kmeans")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="dataset for accuracy and repair='data' (fashion-mnist)")
+    p.add_argument(
+        "--repair",
+        choices=REPAIRS,
+        default="ar",
+        help="statistics repair after merging (ar: data-free; dir: deep inversion; data: "
+        "calibration data) (default ar)",
+    )
+    p.add_argument(
+        "--method", choices=METHODS, default="kmeans", help="how channels are grouped or kept"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of clustering and synthetic data")
+    p.add_argument("--data", help="dataset for accuracy and repair='data' (fashion-mnist, or none)")
     p.add_argument("--calib", type=int, default=512, help="calibration images for repair='data'")
     p.add_argument(
         "--dir-steps", type=int, default=DeepInversionConfig.steps, help="deep inversion steps"
@@ -482,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dir-batch", type=int, default=DeepInversionConfig.batch_size, help="deep inversion batch"
     )
-    p.add_argument("--input-shape", help="C,H,W of one input (default: inferred)")
+    input_shape_arg(p)
     p.add_argument("--out", help="directory to save the folded model")
     llm_args(p)
     p.add_argument("--heads", choices=("query", "kv"), default="query", help="LLM head unit")
@@ -501,7 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="random",
         help="LLM self-generated text starts from BOS + a random token, or BOS only",
     )
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="uniform",
+        help="per-group widths: the same ratio everywhere, or by measured folding cost",
+    )
     p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")
     p.add_argument(
         "--round-to", type=int, default=1, help="fold channel groups to multiples of N (8, 16)"
@@ -511,11 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", help="LLM: greedy generation of this prompt before and after")
     p.set_defaults(func=cmd_fold)
 
-    p = sub.add_parser("eval", help="parameters, FLOPs and accuracy of a model")
-    model_args(p)
+    p = sub.add_parser("eval", help="parameters, FLOPs, and accuracy or perplexity of a model")
+    model_args(p, dtypes=dtypes, dtype_help="evaluate in this dtype (default: the saved model's)")
     p.add_argument(
-        "--data", default="fashion-mnist", help="test set for accuracy (fashion-mnist, or none)"
+        "--data",
+        default=None,
+        help="test set for accuracy: fashion-mnist, or none (default: none, parameters and "
+        "FLOPs only)",
     )
+    input_shape_arg(p)
     llm_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -557,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

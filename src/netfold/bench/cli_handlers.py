@@ -21,7 +21,7 @@ def add_bench_parsers(sub) -> None:
 
     p = sub.add_parser("bench-plot", help="draw plots and a table from results JSON")
     p.add_argument("results", nargs="+", help="results JSON written by netfold bench")
-    p.add_argument("--out-dir", default="docs")
+    p.add_argument("--out-dir", default="docs", help="folder for the plots and the table")
     p.add_argument(
         "--merge-into", help="several results of one config (one per model): merge into this JSON"
     )

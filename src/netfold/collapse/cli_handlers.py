@@ -2,8 +2,8 @@
 
     netfold collapse MODEL --data fashion-mnist --lc 1.0 --epochs 2 --out DIR
 
-MODEL is anything ``netfold fold`` accepts (a saved netfold directory, a training checkpoint,
-or an architecture with ``--weights``). Fine-tuning uses a seeded random subset of the training
+MODEL is anything :func:`netfold.hub.load` reads that takes a tensor input (a saved netfold
+directory, a training checkpoint, or an architecture with ``--weights``). Fine-tuning uses a seeded random subset of the training
 split (``--subset``) with labels and distillation to the original model; accuracy is measured on
 the test split before and after.
 """
@@ -23,21 +23,23 @@ def add_collapse_parser(sub) -> argparse.ArgumentParser:
     """Register the ``collapse`` subcommand on an argparse subparsers object."""
     d = CollapseConfig()
     p = sub.add_parser("collapse", help="LayerCollapse: linearise activations, fine-tune, merge")
-    p.add_argument("model", help="netfold dir, training checkpoint, or architecture name")
-    p.add_argument("--weights", help="state_dict file for an architecture name")
-    p.add_argument("--model-kwargs", default="{}", help="constructor kwargs as JSON")
-    p.add_argument("--data", help="fine-tuning / evaluation data set (fashion-mnist)")
+    from ..cli import model_args
+
+    model_args(p)
+    p.add_argument("--data", help="fine-tuning / evaluation data set (fashion-mnist, or none)")
     p.add_argument("--subset", type=int, default=10000, help="training images for fine-tuning")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     p.add_argument("--lc", type=float, default=d.lc, help="regulariser strength")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--alpha-lr", type=float, default=d.alpha_lr)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the weights")
+    p.add_argument("--alpha-lr", type=float, default=d.alpha_lr, help="learning rate of alphas")
     p.add_argument("--tol", type=float, default=d.tol, help="collapse when |1 - alpha| <= tol")
-    p.add_argument("--init-slope", type=float, default=d.init_slope)
+    p.add_argument(
+        "--init-slope", type=float, default=d.init_slope, help="initial PReLU negative slope"
+    )
     p.add_argument("--max-pairs", type=int, default=None, help="collapse at most N pairs")
     p.add_argument("--target", action="append", default=[], help="fnmatch pattern of pairs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning subset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", help="directory to save the collapsed model")
     return p
@@ -45,7 +47,7 @@ def add_collapse_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Run the ``collapse`` subcommand; returns the exit status."""
-    from ..cli import check_output, json_option, load_any, positive
+    from ..cli import check_output, json_option, load_model, positive
     from ..eval.accuracy import evaluate_accuracy
     from ..io import save
     from .api import collapse
@@ -53,9 +55,11 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     # Every argument is checked before the model is loaded or a thread count changes.
     check_output(args.out, "--out")
     positive(args, "subset", "batch_size", "threads")
+    if args.data == "none":
+        args.data = None
     if args.data is not None and args.data != "fashion-mnist":
         raise ValueError(f"--data {args.data!r} is unknown: only 'fashion-mnist' is available")
-    kwargs = json_option(args.model_kwargs, "--model-kwargs")
+    json_option(args.model_kwargs, "--model-kwargs")
     config = CollapseConfig(
         lc=args.lc,
         epochs=args.epochs,
@@ -69,7 +73,9 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_any(args.model, weights=args.weights, kwargs=kwargs)
+    model, _, info = load_model(args)
+    if info.kind != "tensor":
+        raise ValueError(f"collapse takes image/tensor models; {args.model} takes token ids")
     batches = test = None
     if args.data is not None:
         from ..data.fashion_mnist import load_fashion_mnist

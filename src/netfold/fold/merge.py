@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..graph.groups import ChannelGroup
+from ..graph.groups import ChannelGroup, ChannelParam
 from ..graph.surgery import consumer_columns, get_module
 
 TensorState = dict[str, dict[str, torch.Tensor]]
@@ -62,6 +62,11 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
+def _channel_param(model: nn.Module, cp: ChannelParam) -> torch.Tensor:
+    t = getattr(get_module(model, cp.module), cp.tensor)
+    return t.detach()
+
+
 def _bn_sigma(bn: nn.Module) -> torch.Tensor:
     return torch.sqrt(bn.running_var.detach() + bn.eps)
 
@@ -99,6 +104,8 @@ def group_features(model: nn.Module, group: ChannelGroup, mode: str) -> torch.Te
             cols.append(m.weight.detach().reshape(n, -1))
             if getattr(m, "bias", None) is not None:
                 cols.append(m.bias.detach()[:, None])
+    for cp in group.channel_params:
+        cols.append(_channel_param(model, cp).movedim(cp.axis, 0).reshape(n, -1))
     for cons in group.consumers:
         cols.append(consumer_columns(get_module(model, cons.module).weight.detach(), group, cons))
     dtype = cols[0].dtype
@@ -249,7 +256,7 @@ def merge_group(
             if c in paired_bns:
                 new_mu = A @ (mu / sigma)
                 new_var = torch.full((k,), 1.0 - m.eps, dtype=dtype)
-                if m.eps >= 1.0:
+                if m.eps > 1.0:  # no valid variance gives sigma = 1; eps = 1 still does (var 0)
                     new_var = torch.ones(k, dtype=dtype)
             else:
                 new_mu = A @ mu
@@ -269,6 +276,13 @@ def merge_group(
             _put(state, c, "weight", _mean_rows(A, m.weight.detach().to(dtype)).to(m.weight.dtype))
             if getattr(m, "bias", None) is not None:
                 _put(state, c, "bias", (A @ m.bias.detach().to(dtype)).to(m.bias.dtype))
+
+    for cp in group.channel_params:
+        # (..., n, ...) on cp.axis -> (..., k, ...): the cluster mean, like any per-channel entry
+        t = _channel_param(model, cp)
+        moved = t.movedim(cp.axis, 0).to(dtype)
+        merged = _mean_rows(A, moved).movedim(0, cp.axis)
+        _put(state, cp.module, cp.tensor, merged.to(t.dtype))
 
     n = group.size
     for cons in group.consumers:

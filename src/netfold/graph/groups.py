@@ -1,8 +1,10 @@
 """ChannelGroup: every tensor slice that indexes one channel space, so one clustering folds all.
 
 A group is data, not math: which modules produce the channels (their output rows), which modules
-carry one parameter per channel (BatchNorm, depthwise convs, PReLU), and which modules read the
-channels (their input columns). Surgery and merging read a group and never guess.
+carry one parameter per channel (BatchNorm, depthwise convs, PReLU, LayerNorm over the channels),
+which bare parameters are indexed by the channels (layer-scale gammas, position embeddings), and
+which modules read the channels (their input columns). Surgery and merging read a group and never
+guess.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ class Consumer:
     groups: int = 1
 
 
+@dataclass(frozen=True)
+class ChannelParam:
+    """A parameter (or buffer) ``module.tensor`` indexed by the group's channels on ``axis``.
+
+    Layer-scale gammas of shape (C,) or (C, 1, 1), a ViT's class token (1, 1, C) and position
+    embedding (1, N, C): tensors multiplied with / added to the channels elementwise. They are
+    merged like every per-channel parameter, by the cluster mean along ``axis``. ``module`` is
+    the owning module's name ("" for the model itself).
+    """
+
+    module: str
+    tensor: str
+    axis: int = 0
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
 @dataclass
 class ChannelGroup:
     """One channel space of size ``size`` and every module slice indexed by it.
@@ -42,7 +63,10 @@ class ChannelGroup:
         size: number of channels n.
         producers: Linear / Conv modules whose output rows (weight axis 0, bias) are the channels.
         channel_ops: modules with one entry per channel along axis 0 (BatchNorm, depthwise conv,
-            PReLU with one slope per channel): merged by the cluster mean.
+            PReLU with one slope per channel, LayerNorm over the channel axis): merged by the
+            cluster mean.
+        channel_params: bare parameters indexed by the channels on some axis (layer-scale,
+            position embedding, class token): merged by the cluster mean along that axis.
         consumers: modules reading the channels through weight axis 1: merged by the cluster sum.
         bn_of: producer name -> the BatchNorm that directly normalises its output, if any.
         head_size: channels move in blocks of this size (1 for CNNs/MLPs; head_dim for heads).
@@ -52,6 +76,10 @@ class ChannelGroup:
         align: the channels form ``align`` equal contiguous blocks (the conv groups of grouped
             convs touching the space) and every cluster stays inside one block, each block
             keeping the same number of channels; 1 for no constraint.
+        approximations: why folding this group is not exact even for duplicated channels in
+            general (e.g. a LayerNorm normalising across the channels: its mean and variance
+            over k merged channels equal those over the n originals only when every cluster
+            has the same size). Empty when merging duplicates is exact.
         norm_offset: ``input_norm`` scales by ``norm_offset + weight`` (Gemma's RMSNorm: 1).
         activation: the module applying the channels' nonlinearity (a decoder MLP's act), so
             activation features and least-squares corrections call the model's own function.
@@ -67,6 +95,8 @@ class ChannelGroup:
     frozen_reasons: list[str] = field(default_factory=list)
     input_norm: str | None = None
     align: int = 1
+    channel_params: list[ChannelParam] = field(default_factory=list)
+    approximations: list[str] = field(default_factory=list)
     norm_offset: float = 0.0
     activation: str | None = None
 
