@@ -4,7 +4,7 @@ Two sources, both data rather than per-model code:
 
 - inside any ``nn.Sequential``: a Linear, then any of BatchNorm1d / Dropout / Identity and
   exactly one activation, then a Linear (VGG classifiers, plain MLPs);
-- :data:`netfold.families.encoders.MLP_LAYOUTS`: module paths relative to a parent for MLP
+- :data:`netfold.families.table.MLP_LAYOUTS`: module paths relative to a parent for MLP
   blocks whose Linears are not siblings in a Sequential (Hugging Face BERT / ViT, timm-style
   ``Mlp``, MLP-Mixer). Activation modules there are matched by name; their class only has to
   be an ``nn.Module`` (Hugging Face's ``GELUActivation`` is not an ``nn.GELU``).
@@ -19,7 +19,7 @@ from fnmatch import fnmatch
 
 import torch.nn as nn
 
-from ..families.encoders import MLP_LAYOUTS
+from ..families.table import MLP_LAYOUTS
 
 __all__ = ["ACTIVATIONS", "MLP_LAYOUTS", "LinearPair", "find_pairs"]
 

@@ -8,7 +8,7 @@ Per transformer layer two kinds of :class:`~netfold.graph.groups.ChannelGroup`:
   ``head_size`` = the head dimension, so whole heads move together.
 
 The hidden size (residual stream) is never folded. Layouts are tables of module paths relative
-to a layer (:data:`ATTENTION_LAYOUTS`, :data:`MLP_LAYOUTS`), found by scanning module names, so
+to a layer (:data:`netfold.families.table.ATTENTION_LAYOUTS` / ``MLP_LAYOUTS``), found by scanning module names, so
 any model that nests these blocks (``BertModel``, ``BertForSequenceClassification``,
 ``ViTForImageClassification``, sentence-transformers' BERT) is covered without importing its
 classes. :func:`fold_encoder` is the fold entry point for these models (``netfold.fold`` folds
@@ -33,7 +33,13 @@ import torch.nn as nn
 
 from ..graph.groups import ChannelGroup, Consumer
 from ..report import Report
-from .table import ENCODER_MODEL_TYPES
+from .table import (  # noqa: F401 - the layouts are table data, named here too
+    ATTENTION_LAYOUTS,
+    ENCODER_MODEL_TYPES,
+    HEAD_COUNT_ATTRS,
+    HEAD_WIDTH_ATTRS,
+    MLP_LAYOUTS,
+)
 
 __all__ = [
     "ATTENTION_LAYOUTS",
@@ -50,74 +56,6 @@ __all__ = [
 #: Hugging Face ``config.model_type`` values :func:`netfold.fold` sends to :func:`fold_encoder`
 #: (the family table's encoder types; each covered by a tiny-config test in tests/test_errors.py).
 SUPPORTED_MODEL_TYPES = ENCODER_MODEL_TYPES
-
-#: (first Linear, activation, second Linear, optional modules between act and second),
-#: relative to the module that holds the MLP.
-MLP_LAYOUTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    # Hugging Face BERT, RoBERTa, and ViT in transformers < 5 (BertIntermediate / BertOutput).
-    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", ()),
-    # Hugging Face ViT in transformers >= 5 (ViTMLP).
-    ("mlp.fc1", "mlp.activation_fn", "mlp.fc2", ()),
-    # Hugging Face DistilBERT (FFN).
-    ("ffn.lin1", "ffn.activation", "ffn.lin2", ()),
-    # timm Mlp (ViT, MLP-Mixer) and netfold's Mixer: fc1, act, drop1, norm, fc2.
-    ("fc1", "act", "fc2", ("drop1", "norm")),
-)
-
-
-@dataclass(frozen=True)
-class _AttnLayout:
-    attn: str  # module holding the head-count attributes
-    q: str
-    k: str
-    v: str
-    o: str
-    head_dim_attr: str
-
-
-#: Attention layouts relative to a transformer layer.
-ATTENTION_LAYOUTS: tuple[_AttnLayout, ...] = (
-    # BERT / RoBERTa: BertSelfAttention + BertSelfOutput.
-    _AttnLayout(
-        "attention.self",
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "attention_head_size",
-    ),
-    # ViT, transformers >= 5.
-    _AttnLayout(
-        "attention",
-        "attention.q_proj",
-        "attention.k_proj",
-        "attention.v_proj",
-        "attention.o_proj",
-        "head_dim",
-    ),
-    # DistilBERT: heads are inferred from attention_head_size in forward (view(..., -1, hd)).
-    _AttnLayout(
-        "attention",
-        "attention.q_lin",
-        "attention.k_lin",
-        "attention.v_lin",
-        "attention.out_lin",
-        "attention_head_size",
-    ),
-    # ViT, transformers < 5.
-    _AttnLayout(
-        "attention.attention",
-        "attention.attention.query",
-        "attention.attention.key",
-        "attention.attention.value",
-        "attention.output.dense",
-        "attention_head_size",
-    ),
-)
-
-#: Head-count attributes synced after folding heads (those a module has).
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
-HEAD_WIDTH_ATTRS = ("all_head_size",)
 
 
 @dataclass(frozen=True)
@@ -222,7 +160,7 @@ def encoder_groups(model: nn.Module) -> list[ChannelGroup]:
     if not groups:
         raise ValueError(
             f"{type(model).__name__}: no BERT/ViT-style MLP or attention block found "
-            "(see netfold.families.encoders.MLP_LAYOUTS / ATTENTION_LAYOUTS)"
+            "(see netfold.families.table.MLP_LAYOUTS / ATTENTION_LAYOUTS)"
         )
     return groups
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ATTENTION_LAYOUTS",
     "DECODERS",
+    "MLP_LAYOUTS",
     "ENCODER_MODEL_TYPES",
     "Attention",
+    "AttnLayout",
     "DecoderFamily",
     "Mlp",
     "decoder_family",
@@ -196,8 +199,82 @@ DECODERS: tuple[DecoderFamily, ...] = (
     ),
 )
 
-#: Encoder ``model_type`` values folded by :mod:`netfold.families.encoders` (layouts there).
+#: Encoder ``model_type`` values folded by :mod:`netfold.families.encoders`, which finds
+#: their blocks by scanning module names for the layouts below (so any model nesting them,
+#: e.g. sentence-transformers' BERT or a classification head, is covered).
 ENCODER_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "distilbert", "vit")
+
+#: (first Linear, activation, second Linear, optional modules between act and second),
+#: relative to the module that holds the MLP.
+MLP_LAYOUTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # Hugging Face BERT, RoBERTa, and ViT in transformers < 5 (BertIntermediate / BertOutput).
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", ()),
+    # Hugging Face ViT in transformers >= 5 (ViTMLP).
+    ("mlp.fc1", "mlp.activation_fn", "mlp.fc2", ()),
+    # Hugging Face DistilBERT (FFN).
+    ("ffn.lin1", "ffn.activation", "ffn.lin2", ()),
+    # timm Mlp (ViT, MLP-Mixer) and netfold's Mixer: fc1, act, drop1, norm, fc2.
+    ("fc1", "act", "fc2", ("drop1", "norm")),
+)
+
+
+@dataclass(frozen=True)
+class AttnLayout:
+    """An encoder attention layout, paths relative to a transformer layer: ``attn`` holds the
+    head-count attributes and ``head_dim_attr``; q/k/v/o are the projections."""
+
+    attn: str
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim_attr: str
+
+
+#: Attention layouts relative to a transformer layer.
+ATTENTION_LAYOUTS: tuple[AttnLayout, ...] = (
+    # BERT / RoBERTa: BertSelfAttention + BertSelfOutput.
+    AttnLayout(
+        "attention.self",
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention_head_size",
+    ),
+    # ViT, transformers >= 5.
+    AttnLayout(
+        "attention",
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "head_dim",
+    ),
+    # DistilBERT: heads are inferred from attention_head_size in forward (view(..., -1, hd)).
+    AttnLayout(
+        "attention",
+        "attention.q_lin",
+        "attention.k_lin",
+        "attention.v_lin",
+        "attention.out_lin",
+        "attention_head_size",
+    ),
+    # ViT, transformers < 5.
+    AttnLayout(
+        "attention.attention",
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "attention_head_size",
+    ),
+)
+
+#: Head-count attributes synced after folding heads (those a module has).
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
+HEAD_WIDTH_ATTRS = ("all_head_size",)
+
 
 _BY_TYPE: dict[str, DecoderFamily] = {t: f for f in DECODERS for t in f.model_types}
 
