@@ -27,6 +27,7 @@ from ..report import GroupReport, Report
 from . import llm as L
 from .checks import check_finite, check_patterns
 from .cluster import canonical, cluster_with
+from .magnitude import magnitude_keep
 from .merge import TensorState
 from .plan import MAX_RATIO, bisect_ratio, width_for
 from .repairs import get_repair
@@ -589,7 +590,7 @@ def fold_decoder(
             blocks = L.head_features(view, g)
             if prune:
                 p = 1 if config.method == "magnitude-l1" else 2
-                keep = [L.magnitude_keep(b, k, p) for b in blocks]
+                keep = [magnitude_keep(b, k, p) for b in blocks]
                 L.prune_heads(state, view, g, keep)
                 labels_of[g.name] = torch.cat(keep).tolist()
                 continue
@@ -604,10 +605,8 @@ def fold_decoder(
         else:
             prot = L.protected_channels(L.channel_gain(view, g), config.llm.protect)
             if prune:
-                X = L.mlp_features(view, g)
-                score = X.abs().sum(1) if config.method == "magnitude-l1" else (X * X).sum(1)
-                score[prot] = math.inf
-                keep = torch.sort(torch.topk(score, k).indices).values
+                p = 1 if config.method == "magnitude-l1" else 2
+                keep = magnitude_keep(L.mlp_features(view, g), k, p, protect=prot)
                 L.prune_mlp(state, view, g, keep)
                 labels_of[g.name] = keep.tolist()
                 continue

@@ -343,9 +343,3 @@ def prune_heads(
         if b is not None:
             _put(state, name, "bias", b[r].clone())
     _put(state, hg.o, "weight", _get(state, model, hg.o, "weight")[:, rows(q_heads)].clone())
-
-
-def magnitude_keep(X: torch.Tensor, k: int, p: int = 2) -> torch.Tensor:
-    """Indices (sorted, (k,)) of the k rows of X (n, d) with the largest L_p norm."""
-    score = X.abs().pow(p).sum(1) if p == 1 else (X * X).sum(1)
-    return torch.sort(torch.topk(score, k).indices).values

@@ -6,6 +6,8 @@ labels holding each kept channel's new index and -1 for a pruned channel (merge 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -79,3 +81,17 @@ def top_k_labels(scores: torch.Tensor, k: int, head_size: int = 1) -> torch.Tens
     labels = torch.full((n,), -1, dtype=torch.long)
     labels[keep] = torch.arange(k)
     return labels
+
+
+def magnitude_keep(
+    X: torch.Tensor, k: int, p: int = 2, protect: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices (sorted, (k,)) of the k rows of X (n, d) with the largest L_p norm.
+
+    ``protect``: row indices always kept (scored +inf). Decoder MLP channels and head units
+    are pruned with this; traced groups with :func:`magnitude_scores` / :func:`top_k_labels`.
+    """
+    score = X.abs().sum(1) if p == 1 else (X * X).sum(1)
+    if protect is not None and protect.numel():
+        score[protect] = math.inf
+    return torch.sort(torch.topk(score, k).indices).values
