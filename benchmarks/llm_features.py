@@ -51,7 +51,7 @@ def features(kind: str, x: torch.Tensor, gate, up, down, model, g) -> torch.Tens
 
     if kind == "w":
         return L.mlp_features(model, g)
-    X = L.mlp_activation_features(x, gate, up)
+    X = L.mlp_activation_features(x, (gate, up), L.activation(model, g))
     if kind == "a-d":
         X = X * down.norm(dim=0)[:, None]
     elif kind == "a-sqrtd":

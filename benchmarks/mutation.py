@@ -98,7 +98,7 @@ TARGETS = {
             "prune_heads",
             "merge_mlp",
             "prune_mlp",
-            "swiglu",
+            "mlp_hidden",
         ),
         (
             "tests/test_llm.py",
