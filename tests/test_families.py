@@ -144,7 +144,15 @@ def plant(model: torch.nn.Module, heads: bool) -> None:
             continue
         hd = int(getattr(layer.get_submodule(a.module), a.head_dim_attr))
         nh, nkv = w["num_attention_heads"], w["num_key_value_heads"]
-        q, k, v = (_lin(layer.get_submodule(x), t) for x in (a.q, a.k, a.v))
+        if a.qkv:  # fused [q | k | v] rows
+            W, b = _lin(layer.get_submodule(a.qkv), t)
+            bounds = (0, nh * hd, (nh + nkv) * hd, (nh + 2 * nkv) * hd)
+            q, k, v = (
+                (W[lo:hi], None if b is None else b[lo:hi])
+                for lo, hi in zip(bounds[:-1], bounds[1:])
+            )
+        else:
+            q, k, v = (_lin(layer.get_submodule(x), t) for x in (a.q, a.k, a.v))
         pairs = [(1, 0), (3, 2)]
         with torch.no_grad():
             if nh == nkv:  # MHA: whole KV heads (their query heads with them)

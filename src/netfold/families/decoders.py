@@ -241,6 +241,10 @@ def _set_attr_widths(layer: nn.Module, fam: DecoderFamily, w: dict[str, int]) ->
     for attr in a.kv_heads_attrs:
         if hasattr(attn, attr):
             setattr(attn, attr, nkv)
+    hd = int(getattr(attn, a.head_dim_attr))
+    for attr in a.width_attrs:
+        if hasattr(attn, attr):
+            setattr(attn, attr, nh * hd)
     if p.module and p.size_attr and hasattr(layer.get_submodule(p.module), p.size_attr):
         setattr(layer.get_submodule(p.module), p.size_attr, w["intermediate_size"])
     if fam.transposed:

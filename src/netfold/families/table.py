@@ -41,6 +41,8 @@ class Attention:
         head_dim_attr: attribute of ``module`` with the head dimension.
         heads_attrs / kv_heads_attrs: attributes of ``module`` set to the folded query / KV head
             counts (only those the module has are written).
+        width_attrs: attributes of ``module`` set to query heads x head_dim (GPT-2's
+            ``split_size``, the width of each of c_attn's q / k / v blocks).
         frozen: why heads are not folded for this family (None: they fold).
     """
 
@@ -53,6 +55,7 @@ class Attention:
     head_dim_attr: str = "head_dim"
     heads_attrs: tuple[str, ...] = ("num_heads",)
     kv_heads_attrs: tuple[str, ...] = ("num_key_value_heads",)
+    width_attrs: tuple[str, ...] = ()
     frozen: str | None = None
 
 
@@ -166,10 +169,8 @@ DECODERS: tuple[DecoderFamily, ...] = (
             v=None,
             o="attn.c_proj",
             qkv="attn.c_attn",
-            frozen=(
-                "GPT2Attention derives head_dim from n_embd / n_head and splits c_attn by "
-                "split_size; heads are kept"
-            ),
+            kv_heads_attrs=(),
+            width_attrs=("split_size",),
         ),
         mlp=Mlp(down="mlp.c_proj", up="mlp.c_fc", gate=None, act="mlp.act", size_attr=None),
         attn_norm="ln_1",
