@@ -5,8 +5,9 @@ fold pipeline reads and rewrites: the attention projections (separate q/k/v/o, o
 qkv to split into row blocks), the MLP projections (gate/up/down, a fused gate_up, or a plain
 fc1/fc2 pair), the activation module, the norm in front of the MLP and in front of attention,
 whether weights are stored transposed (GPT-2's ``Conv1D``), which attention attributes carry
-head counts, and which config fields hold the widths. Encoder rows list the ``model_type``
-values :mod:`netfold.families.encoders` folds (their layouts live in that module's tables).
+head counts, and which config fields hold the widths. Encoders: the ``model_type`` values
+:mod:`netfold.families.encoders` folds and the MLP / attention layouts it scans for
+(:data:`MLP_LAYOUTS`, :data:`ATTENTION_LAYOUTS`, also read by LayerCollapse).
 
 Adding a decoder family is one row here plus a tiny-config test (tests/test_families.py).
 """
