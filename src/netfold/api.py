@@ -22,6 +22,7 @@ from .fold.deep_inversion import synthesize
 from .fold.merge import TensorState, merge_group, merge_matrices
 from .fold.methods import GroupPlan, plan_group
 from .fold.repair import collect_inputs, producer_stats, repair_with_batch
+from .fold.stats_repair import repair_maps, stats_repair_state
 from .graph.groups import ChannelGroup
 from .graph.surgery import Snapshot, apply_tensors, get_module
 from .graph.trace import find_groups, infer_example_inputs
@@ -517,6 +518,8 @@ def fold(
                 A = merge_matrices(pl.labels, pl.k, pl.rule, torch.float64)[1]
                 mu, sd = stats[p]
                 targets[p] = (A @ mu, A @ sd)
+    if todo and config.repair == "stats":  # predicted statistics join the merged tensors
+        state = stats_repair_state(model, state, repair_maps(todo, plans), example_inputs)[0]
 
     touched = sorted(
         state.keys()
