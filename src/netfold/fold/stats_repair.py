@@ -23,15 +23,19 @@ Propagation rules (channel moments: mean (C,), covariance (C, C), float64):
 
 - Linear: exact, ``W m + b`` and ``W S W^T``.
 - Conv: the output channel covariance depends on the (unknown) spatial correlation of the
-  input; spatially independent inputs give ``sum_p W_p S W_p^T``, fully correlated ones
-  ``Wbar S Wbar^T`` (``Wbar = sum_p W_p``). The mixture ``c1 * indep + c2 * full``
-  (``c1, c2 >= 0``) whose diagonal best matches the stored ``running_var`` of the BatchNorm
-  that follows is fitted per layer on the original network and reused on the folded one.
+  input: spatially independent pixels give ``sum_p W_p S W_p^T``, fully correlated ones
+  ``Wbar S Wbar^T`` (``Wbar = sum_p W_p``). In between, the model
+  ``c1 * sum_pq lam^|p - q| W_p S W_q^T + c2 * Wbar S Wbar^T`` (correlation decaying by
+  ``lam`` per pixel, plus a component shared by the whole map) is fitted per layer, ``c1,
+  c2 >= 0`` and ``lam`` on a grid, so that its diagonal matches the stored ``running_var`` of
+  the BatchNorm that follows (data-free), on the original network, and reused on the folded
+  one.
 - BatchNorm: affine in eval mode, with the (anchored) statistics above.
 - Elementwise activations (ReLU, GELU, SiLU, ...): the channels are taken as jointly Gaussian
-  and the first two moments of the output are computed by Gauss-Hermite quadrature (ReLU:
-  one quadrature dimension, the conditional expectation in closed form). Deterministic, so
-  an exact fold (duplicate channels) stays exact.
+  and the first two moments of the output are computed pairwise by quadrature (ReLU:
+  Gauss-Legendre over the active half line, the conditional expectation in closed form;
+  others: 2-D Gauss-Hermite). Deterministic, so an exact fold (duplicate channels) stays
+  exact.
 - Residual additions: branches are taken as uncorrelated (the next BatchNorm anchors the
   diagonal again).
 - Pooling, dropout, flatten to (N, C): statistics unchanged (pooling's change of scale is
@@ -70,7 +74,7 @@ __all__ = [
 _DT = torch.float64
 #: Quadrature nodes: ReLU (1-D Gauss-Legendre on the active half line, closed-form
 #: conditional) and other activations (2-D Gauss-Hermite product rule).
-_Q_RELU = 32
+_Q_RELU = 16
 _Q_GENERIC = 12
 _Z_MAX = 8.0
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -261,7 +265,7 @@ def gaussian_moments(
     fn: Callable[[torch.Tensor], torch.Tensor],
     *,
     is_relu: bool = False,
-    chunk: int = 32,
+    chunk: int = 128,
 ) -> Moments:
     """Mean and covariance of ``fn(x)`` for x ~ N(mean, cov), elementwise ``fn``.
 
@@ -292,21 +296,24 @@ def gaussian_moments(
         fa = fn(m[:, None] + sd[:, None] * za)
     ef = (fa * wa).sum(1)  # (C,)
     n = m.shape[0]
-    eff = torch.empty(n, n, dtype=_DT)
+    eff = torch.zeros(n, n, dtype=_DT)
+    fw = fa * wa
+    # E[f(x_i) f(x_j)] is symmetric: evaluate the upper triangle (by row blocks) only.
     for i0 in range(0, n, chunk):
-        r = rho[i0 : i0 + chunk]  # (c, n)
-        resid = sd[None, :] * torch.sqrt((1.0 - r * r).clamp_min(0.0))  # (c, n)
-        # conditional mean of x_j given x_i at node a: (c, n, Q)
-        cm = m[None, :, None] + (sd[None, :] * r)[:, :, None] * za[i0 : i0 + chunk, None, :]
+        i1 = min(n, i0 + chunk)
+        r = rho[i0:i1, i0:]  # (c, n - i0)
+        sj, mj = sd[None, i0:], m[None, i0:]
+        resid = sj * torch.sqrt((1.0 - r * r).clamp_min(0.0))
+        # conditional mean of x_j given x_i at node a: (c, n - i0, Q)
+        cm = mj[..., None] + (sj * r)[..., None] * za[i0:i1, None, :]
         if is_relu:
-            g = _relu_cond_mean(cm, resid[:, :, None].expand_as(cm))
+            g = _relu_cond_mean(cm, resid[..., None].expand_as(cm))
         else:
-            y = cm[..., None] + resid[:, :, None, None] * z[None, None, None, :]
-            g = fn(y) @ w  # (c, n, Q)
-        fw = (fa * wa)[i0 : i0 + chunk]
-        eff[i0 : i0 + chunk] = torch.einsum("ia,ija->ij", fw, g)
+            y = cm[..., None] + resid[..., None, None] * z[None, None, None, :]
+            g = fn(y) @ w  # (c, n - i0, Q)
+        eff[i0:i1, i0:] = torch.einsum("ia,ija->ij", fw[i0:i1], g)
+    eff = torch.triu(eff) + torch.triu(eff, 1).t()
     cov_out = eff - ef[:, None] * ef[None, :]
-    cov_out = 0.5 * (cov_out + cov_out.t())  # the pairwise rule is symmetric only up to rounding
     return Moments(ef, cov_out)
 
 
