@@ -2,7 +2,7 @@
 
 Run: python benchmarks/stats_repair_bench.py [--models resnet18_cifar vgg11_bn_cifar] \
         [--ratios 0.1 0.25 0.35 0.45 0.55] [--n-test 10000] [--dir-steps 200] \
-        [--out benchmarks/results/stats_repair.json]
+        [--epochs resnet18_cifar=1] [--out benchmarks/results/stats_repair.json]
 
 Models come from netfold.models.train.get_trained (trained or reused from ~/.cache/netfold).
 For each (model, repair, ratio): test accuracy on the first ``--n-test`` Fashion-MNIST test
@@ -75,10 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=10000)
     ap.add_argument("--dir-steps", type=int, default=netfold.DeepInversionConfig.steps)
     ap.add_argument("--dir-batch", type=int, default=netfold.DeepInversionConfig.batch_size)
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
+    ap.add_argument(
+        "--epochs",
+        nargs="*",
+        default=[],
+        metavar="MODEL=N",
+        help="training epochs per model, e.g. resnet18_cifar=1 (default: the preset)",
+    )
     ap.add_argument("--out", default="benchmarks/results/stats_repair.json")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
+    epochs: dict[str, int] = {}
+    for spec in args.epochs:
+        model_name, sep, n = spec.partition("=")
+        if not sep or not n.isdigit():
+            raise SystemExit(f"--epochs takes MODEL=N, got {spec!r}")
+        epochs[model_name] = int(n)
 
     x_test, y_test = load_fashion_mnist("test")
     x_test, y_test = x_test[: args.n_test], y_test[: args.n_test]
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for name in args.models:
-        model, info = get_trained(name, seed=args.seed, epochs=args.epochs, progress=False)
+        model, info = get_trained(name, seed=args.seed, epochs=epochs.get(name), progress=False)
         dense_acc = evaluate_accuracy(model, x_test, y_test)
         entry = {
             "checkpoint": Path(info["path"]).name,

@@ -19,7 +19,7 @@ network, twice:
    without BatchNorm gets REPAIR's affine correction towards the member average of the
    original channels' propagated mean and std (as ``repair="data"`` does with real inputs).
 
-Propagation rules (channel moments: mean (C,), covariance (C, C), float64):
+Propagation rules (channel moments: mean (C,), covariance (C, C)):
 
 - Linear: exact, ``W m + b`` and ``W S W^T``.
 - Conv: the output channel covariance depends on the (unknown) spatial correlation of the
@@ -74,9 +74,10 @@ __all__ = [
 _DT = torch.float64
 #: Quadrature nodes: ReLU (1-D Gauss-Legendre on the active half line, closed-form
 #: conditional) and other activations (2-D Gauss-Hermite product rule).
-_Q_RELU = 16
+_Q_RELU = 12
 _Q_GENERIC = 12
 _Z_MAX = 8.0
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -166,7 +167,8 @@ _SCALE = {operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truedi
 
 @dataclass
 class Moments:
-    """First two moments of the channels of one activation.
+    """First two moments of the channels of one activation (float64 for float64 models, else
+    float32).
 
     Attributes:
         mean: (C,) per-channel mean.
@@ -219,7 +221,7 @@ class Propagation:
 def _hermite(q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilists' Gauss-Hermite nodes and weights for N(0, 1) (weights sum to 1)."""
     # Golub-Welsch: eigenvalues of the Jacobi matrix of the Hermite_e recurrence.
-    off = torch.sqrt(torch.arange(1, q, dtype=_DT))
+    off = torch.sqrt(torch.arange(1, q, dtype=torch.float64))
     J = torch.diag(off, 1) + torch.diag(off, -1)
     nodes, vecs = torch.linalg.eigh(J)
     weights = vecs[0] ** 2
@@ -228,7 +230,7 @@ def _hermite(q: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _legendre(q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Legendre nodes and weights on [-1, 1] (Golub-Welsch)."""
-    k = torch.arange(1, q, dtype=_DT)
+    k = torch.arange(1, q, dtype=torch.float64)
     off = k / torch.sqrt(4.0 * k * k - 1.0)
     nodes, vecs = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
     return nodes, 2.0 * vecs[0] ** 2
@@ -238,9 +240,10 @@ def _relu_cond_mean(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """E[relu(y)] for y ~ N(m, s^2), elementwise; exact relu(m) where s = 0."""
     safe = s.clamp_min(1e-300)
     t = m / safe
-    phi = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-    Phi = 0.5 * torch.erfc(-t / math.sqrt(2.0))
-    return torch.where(s > 0, m * Phi + safe * phi, m.clamp_min(0.0))
+    out = m * torch.special.ndtr(t) + safe * torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+    if bool((s <= 0).any()):  # rare: correlation exactly +-1 (duplicate channels)
+        out = torch.where(s > 0, out, m.clamp_min(0.0))
+    return out
 
 
 def _relu_nodes(m: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +253,7 @@ def _relu_nodes(m: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.
     [max(-m/sd, -8), 8] integrates a smooth function instead. Returns (z (C, Q), w (C, Q)),
     w including the normal density.
     """
-    t, v = _legendre(_Q_RELU)
+    t, v = (a.to(m.dtype) for a in _legendre(_Q_RELU))
     lo = torch.where(sd > 0, -m / sd.clamp_min(1e-300), torch.full_like(m, -_Z_MAX))
     lo = lo.clamp(-_Z_MAX, _Z_MAX)
     half = 0.5 * (_Z_MAX - lo)[:, None]
@@ -283,52 +286,52 @@ def gaussian_moments(
     Returns:
         Moments of the activation's output, (C,) and (C, C).
     """
-    m = mean.to(_DT)
-    base = Moments(m, cov.to(_DT))
+    m = mean
+    base = Moments(m, cov.to(m.dtype))
     sd = base.var.sqrt()
     rho = base.corr
     if is_relu:
         za, wa = _relu_nodes(m, sd)  # (C, Q) each
         fa = m[:, None] + sd[:, None] * za  # relu is the identity on the nodes
     else:
-        z, w = _hermite(_Q_GENERIC)
+        z, w = (a.to(m.dtype) for a in _hermite(_Q_GENERIC))
         za, wa = z.expand(m.shape[0], -1), w.expand(m.shape[0], -1)
         fa = fn(m[:, None] + sd[:, None] * za)
     ef = (fa * wa).sum(1)  # (C,)
     n = m.shape[0]
-    eff = torch.zeros(n, n, dtype=_DT)
+    eff = torch.empty(n, n, dtype=m.dtype)
     fw = fa * wa
-    # E[f(x_i) f(x_j)] is symmetric: evaluate the upper triangle (by row blocks) only.
     for i0 in range(0, n, chunk):
         i1 = min(n, i0 + chunk)
-        r = rho[i0:i1, i0:]  # (c, n - i0)
-        sj, mj = sd[None, i0:], m[None, i0:]
-        resid = sj * torch.sqrt((1.0 - r * r).clamp_min(0.0))
-        # conditional mean of x_j given x_i at node a: (c, n - i0, Q)
-        cm = mj[..., None] + (sj * r)[..., None] * za[i0:i1, None, :]
+        r = rho[i0:i1]  # (c, n)
+        resid = sd[None, :] * torch.sqrt((1.0 - r * r).clamp_min(0.0))
+        # conditional mean of x_j given x_i at node a: (c, n, Q)
+        cm = m[None, :, None] + (sd[None, :] * r)[..., None] * za[i0:i1, None, :]
         if is_relu:
             g = _relu_cond_mean(cm, resid[..., None].expand_as(cm))
         else:
             y = cm[..., None] + resid[..., None, None] * z[None, None, None, :]
-            g = fn(y) @ w  # (c, n - i0, Q)
-        eff[i0:i1, i0:] = torch.einsum("ia,ija->ij", fw[i0:i1], g)
-    eff = torch.triu(eff) + torch.triu(eff, 1).t()
+            g = fn(y) @ w  # (c, n, Q)
+        eff[i0:i1] = torch.einsum("ia,ija->ij", fw[i0:i1], g)
+    # Conditioning on x_i or on x_j differs by the quadrature error; the average is symmetric
+    # and treats twin channels identically, so duplicates keep correlation exactly 1.
+    eff = 0.5 * (eff + eff.t())
     cov_out = eff - ef[:, None] * ef[None, :]
     return Moments(ef, cov_out)
 
 
-def _dense_taps(w: torch.Tensor, c_in: int) -> torch.Tensor:
+def _dense_taps(w: torch.Tensor, c_in: int, dtype: torch.dtype) -> torch.Tensor:
     """Conv weight (out, in/groups, *k) -> dense per-tap matrices (taps, out, c_in)."""
     out, per_group = w.shape[0], w.shape[1]
     groups = c_in // per_group
     if groups * per_group != c_in or out % groups:
         raise ValueError(f"conv weight {tuple(w.shape)} does not fit {c_in} input channels")
     taps = math.prod(w.shape[2:]) if w.dim() > 2 else 1
-    wt = w.reshape(out, per_group, taps).permute(2, 0, 1).to(_DT)  # (taps, out, per_group)
+    wt = w.reshape(out, per_group, taps).permute(2, 0, 1).to(dtype)  # (taps, out, per_group)
     if groups == 1:
         return wt
     og = out // groups
-    dense = torch.zeros(taps, out, c_in, dtype=_DT)
+    dense = torch.zeros(taps, out, c_in, dtype=dtype)
     for g in range(groups):
         dense[:, g * og : (g + 1) * og, g * per_group : (g + 1) * per_group] = wt[
             :, g * og : (g + 1) * og
@@ -340,10 +343,12 @@ def _dense_taps(w: torch.Tensor, c_in: int) -> torch.Tensor:
 _LAMBDAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 
-def _tap_distance(kernel: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+def _tap_distance(
+    kernel: Sequence[int], dilation: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
     """(taps, taps) L1 distance between the kernel taps, in input pixels."""
     grids = torch.meshgrid(
-        *[torch.arange(k, dtype=_DT) * d for k, d in zip(kernel, dilation)], indexing="ij"
+        *[torch.arange(k, dtype=dtype) * d for k, d in zip(kernel, dilation)], indexing="ij"
     )
     coords = torch.stack([g.flatten() for g in grids], 1)
     return (coords[:, None, :] - coords[None, :, :]).abs().sum(-1)
@@ -359,9 +364,9 @@ def _spatial_cov(
     """
     c1, lam, c2 = mix
     M = dense @ cov  # (taps, out, in)
-    out = torch.zeros(dense.shape[1], dense.shape[1], dtype=_DT)
+    out = torch.zeros(dense.shape[1], dense.shape[1], dtype=dense.dtype)
     if c1 > 0:
-        K = lam**dist if lam > 0 else (dist == 0).to(_DT)
+        K = lam**dist if lam > 0 else (dist == 0).to(dense.dtype)
         V = torch.einsum("pq,qoi->poi", K, dense)
         out = out + c1 * torch.einsum("poi,pri->or", M, V)
     if c2 > 0:
@@ -382,7 +387,7 @@ def _fit_spatial(
     full = D.sum((0, 1)) / target.clamp_min(1e-30)
     best, best_err = (1.0, 0.0, 0.0), math.inf
     for lam in _LAMBDAS:
-        K = lam**dist if lam > 0 else (dist == 0).to(_DT)
+        K = lam**dist if lam > 0 else (dist == 0).to(dense.dtype)
         part = torch.einsum("pq,pqo->o", K, D) / target.clamp_min(1e-30)
         c1, c2 = _nnls2(part, full)
         err = float(((c1 * part + c2 * full - 1.0) ** 2).sum())
@@ -421,6 +426,13 @@ def _module_getter(model: nn.Module, state: TensorState | None) -> Getter:
     return get
 
 
+def _pass_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for float64 models (exactness checks), else float32: statistics need no more,
+    and the quadrature runs about twice as fast."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
 def _shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[str, tuple]:
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
@@ -445,10 +457,13 @@ class _Pass:
         maps: dict[str, torch.Tensor],
         input_moments: Sequence[Moments] | None,
         uncorrelated: bool = False,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         self.gm, self.shapes, self.get = gm, shapes, get
         self.uncorrelated = uncorrelated
-        self.ref, self.maps = reference, maps
+        self.ref = reference
+        self.maps = {k: a.to(dtype) for k, a in maps.items()}
+        self.dt = dtype
         self.input_moments = input_moments
         self.rec = Propagation({}, {}, {}, {}, {})
 
@@ -475,7 +490,7 @@ class _Pass:
             return self.input_moments[i]
         c = shape[1] if len(shape) > 1 else shape[0]
         # Unknown input statistics: white, zero mean. The first BatchNorm re-anchors both.
-        return Moments(torch.zeros(c, dtype=_DT), torch.eye(c, dtype=_DT))
+        return Moments(torch.zeros(c, dtype=self.dt), torch.eye(c, dtype=self.dt))
 
     def _arg(self, env, node: fx.Node) -> Moments:
         v = env.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
@@ -586,18 +601,18 @@ class _Pass:
             if w.shape[1] != c_in * x.taps:
                 raise self._unsupported(node, "a Linear whose inputs do not match the flatten")
             w = w.reshape(w.shape[0], c_in, x.taps)
-        dense = _dense_taps(w, c_in)
+        dense = _dense_taps(w, c_in, self.dt)
         mean = dense.sum(0) @ x.mean
         if b is not None:
-            mean = mean + b.to(_DT)
+            mean = mean + b.to(self.dt)
         if dense.shape[0] == 1:
             cov = dense[0] @ x.cov @ dense[0].t()
         else:
             if w.dim() == 3 and x.taps > 1:  # Linear after flatten: positions, no kernel grid
-                dist = 1.0 - torch.eye(dense.shape[0], dtype=_DT)
+                dist = 1.0 - torch.eye(dense.shape[0], dtype=self.dt)
             else:
                 mod = self.gm.get_submodule(node.target)
-                dist = _tap_distance(w.shape[2:], mod.dilation)
+                dist = _tap_distance(w.shape[2:], mod.dilation, self.dt)
             if self.ref is None:
                 mix = self._calibrate(node, dense, x.cov, dist)
                 self.rec.mix[name] = mix
@@ -617,7 +632,7 @@ class _Pass:
         if len(users) == 1 and users[0].op == "call_module":
             bn = self.gm.get_submodule(users[0].target)
             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
-                return _fit_spatial(dense, cov, dist, bn.running_var.detach().to(_DT))
+                return _fit_spatial(dense, cov, dist, bn.running_var.detach().to(self.dt))
         # No stored statistics to calibrate on: a middle guess between the extremes.
         return 0.5, 0.0, 0.5
 
@@ -637,8 +652,8 @@ class _Pass:
         eps = bn.eps
         if bn.track_running_stats:
             if self.ref is None:
-                mu = bn.running_mean.detach().to(_DT)
-                v = bn.running_var.detach().to(_DT)
+                mu = bn.running_mean.detach().to(self.dt)
+                v = bn.running_var.detach().to(self.dt)
                 anchored = Moments(mu, v.sqrt()[:, None] * x.corr * v.sqrt()[None, :], x.taps)
             else:
                 orig = self.ref.bn_inputs[name]
@@ -665,8 +680,8 @@ class _Pass:
         beta = self.get(name, "bias")
         s = 1.0 / torch.sqrt(rv + eps)
         if gamma is not None:
-            s = s * gamma.to(_DT)
-        mean = torch.zeros_like(rm) if beta is None else beta.to(_DT).clone()
+            s = s * gamma.to(self.dt)
+        mean = torch.zeros_like(rm) if beta is None else beta.to(self.dt).clone()
         return Moments(mean, anchored.cov * s[:, None] * s[None, :], x.taps)
 
 
@@ -694,7 +709,10 @@ def propagate(
     gm = trace(model)
     shapes = _shapes(gm, example_inputs)
     get = _module_getter(model, None)
-    return _Pass(gm, shapes, get, reference=None, maps={}, input_moments=input_moments).run()
+    dtype = input_moments[0].mean.dtype if input_moments else _pass_dtype(model)
+    return _Pass(
+        gm, shapes, get, reference=None, maps={}, input_moments=input_moments, dtype=dtype
+    ).run()
 
 
 def repair_maps(
@@ -752,9 +770,16 @@ def stats_repair_state(
         example_inputs = (example_inputs,)
     gm = trace(model)
     shapes = _shapes(gm, example_inputs)
+    dtype = _pass_dtype(model)
     if reference is None:
         reference = _Pass(
-            gm, shapes, _module_getter(model, None), reference=None, maps={}, input_moments=None
+            gm,
+            shapes,
+            _module_getter(model, None),
+            reference=None,
+            maps={},
+            input_moments=None,
+            dtype=dtype,
         ).run()
     folded = _Pass(
         gm,
@@ -764,6 +789,7 @@ def stats_repair_state(
         maps=maps,
         input_moments=None,
         uncorrelated=uncorrelated,
+        dtype=dtype,
     ).run()
     new: TensorState = {m: dict(t) for m, t in state.items()}
     for name, mom in folded.bn_anchored.items():
