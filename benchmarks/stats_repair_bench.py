@@ -3,6 +3,7 @@
 Run: python benchmarks/stats_repair_bench.py [--models resnet18_cifar vgg11_bn_cifar] \
         [--ratios 0.1 0.25 0.35 0.45 0.55] [--n-test 10000] [--dir-steps 200] \
         [--epochs resnet18_cifar=1] [--out benchmarks/results/stats_repair.json]
+     python benchmarks/stats_repair_bench.py --table benchmarks/results/stats_repair.json
 
 Models come from netfold.models.train.get_trained (trained or reused from ~/.cache/netfold).
 For each (model, repair, ratio): test accuracy on the first ``--n-test`` Fashion-MNIST test
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +68,44 @@ def bn_distance(a: dict, ref: dict) -> float:
     return total / max(1, len(ref))
 
 
+def markdown_table(results: dict) -> str:
+    """Accuracy (%) per model and ratio, one column per repair, plus fold times."""
+    lines = []
+    for name, entry in results["models"].items():
+        runs = entry["runs"]
+        repairs = list(dict.fromkeys(r["repair"] for r in runs))
+        ratios = sorted({r["ratio"] for r in runs})
+        by = {(r["repair"], r["ratio"]): r for r in runs}
+        dense = 100 * entry["dense"]["accuracy"]
+        lines.append(f"**{name}** (dense {dense:.2f}%, {entry['checkpoint']})")
+        lines.append("")
+        head = (
+            "| ratio | sparsity | " + " | ".join(repairs) + " | stats - none | time stats / none |"
+        )
+        lines.append(head)
+        lines.append("|" + "---|" * (len(repairs) + 4))
+        for ratio in ratios:
+            sp = 100 * next(r["sparsity"] for r in runs if r["ratio"] == ratio)
+            cells = [f"{100 * by[(rep, ratio)]['accuracy']:.2f}" for rep in repairs]
+            gain = tratio = ""
+            if ("stats", ratio) in by and ("none", ratio) in by:
+                st, no = by[("stats", ratio)], by[("none", ratio)]
+                gain = f"{100 * (st['accuracy'] - no['accuracy']):+.2f}"
+                tratio = f"{st['fold_seconds']:.2f} s / {no['fold_seconds']:.2f} s"
+            lines.append(
+                f"| {ratio:.2f} | {sp:.1f}% | " + " | ".join(cells) + f" | {gain} | {tratio} |"
+            )
+        if "deep_inversion_seconds" in entry:
+            lines.append("")
+            lines.append(
+                f"Deep Inversion synthesis: {entry['deep_inversion_seconds']:.0f} s "
+                f"({results['deep_inversion']['steps']} steps, batch "
+                f"{results['deep_inversion']['batch_size']}), once per model."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18_cifar", "vgg11_bn_cifar"])
@@ -83,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         help="training epochs per model, e.g. resnet18_cifar=1 (default: the preset)",
     )
     ap.add_argument("--out", default="benchmarks/results/stats_repair.json")
+    ap.add_argument(
+        "--table", metavar="JSON", help="only print the markdown table of a results file"
+    )
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
     torch.manual_seed(args.seed)
     epochs: dict[str, int] = {}
     for spec in args.epochs:
@@ -186,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     out = Path(args.out)
     write_json(out, results)
+    print(markdown_table(results))
     print(f"wrote {out}")
     return 0
 

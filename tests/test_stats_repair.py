@@ -296,3 +296,12 @@ def test_stats_repair_state_leaves_model_untouched() -> None:
     torch.testing.assert_close(
         new["4"]["running_mean"], model[4].running_mean, rtol=1e-12, atol=1e-12
     )
+
+
+def test_hugging_face_families_refuse_stats_repair() -> None:
+    from types import SimpleNamespace
+
+    model = nn.Linear(4, 4)
+    model.config = SimpleNamespace(model_type="llama")
+    with pytest.raises(ValueError, match="repair='stats' supports traced CNNs"):
+        netfold.fold(model, netfold.FoldConfig(repair="stats"))

@@ -444,6 +444,10 @@ def fold(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised(model)
     family = model_family(model)
+    if family is not None and config.repair == "stats":
+        raise ValueError(
+            f"repair='stats' supports traced CNNs / MLPs, not {type(model).__name__}; use 'ar'"
+        )
     if family is not None:
         return family(model, config, data=data, widths=widths, groups=groups, progress=progress)
     if widths is not None:
