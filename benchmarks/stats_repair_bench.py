@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["stats_minus_none"] = gains
             entry["stats_time_over_none"] = times
         results["models"][name] = entry
-    results["machine"]["loadavg_end"] = list(os.getloadavg())
+        results["machine"]["loadavg_end"] = list(os.getloadavg())
+        write_json(args.out, results)  # after each model: a long run keeps what it finished
     out = Path(args.out)
     write_json(out, results)
     print(markdown_table(results))
