@@ -620,7 +620,11 @@ class _Pass:
                 mix = self.ref.mix[name]
             cov = _spatial_cov(dense, x.cov, dist, mix)
         out = Moments(mean, cov)
-        if self.ref is not None and name in self.maps and name in self.ref.outputs:
+        mod = self.gm.get_submodule(node.target)
+        per_channel = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == mod.in_channels > 1
+        if self.ref is not None and name in self.maps and not per_channel:
+            # A folded producer without BatchNorm (a depthwise conv is a per-channel op of its
+            # group instead: the BatchNorm after it is anchored).
             out = self._affine_repair(name, out)
         self.rec.outputs[name] = out
         return out
