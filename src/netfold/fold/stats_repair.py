@@ -753,6 +753,7 @@ def stats_repair_state(
     *,
     reference: Propagation | None = None,
     uncorrelated: bool = False,
+    static: bool = False,
 ) -> tuple[TensorState, Propagation]:
     """The merged tensors plus the repaired statistics, computed without touching ``model``.
 
@@ -764,6 +765,10 @@ def stats_repair_state(
         reference: an original-network :func:`propagate` result to reuse (sweeps).
         uncorrelated: ablation: give each merged BatchNorm the variance of a mean of
             UNCORRELATED members, (1/N^2) sum_i var_i, instead of the propagated correlation.
+        static: ablation: only merged BatchNorms change, to the statistics of the mean of
+            their members in the ORIGINAL network (mean A mu, variance
+            (1/N^2) sum_ij rho_ij s_i s_j); the folded upstream and every later BatchNorm are
+            ignored (BN-free producers are still corrected).
 
     Returns:
         ``(new_state, folded_propagation)``: ``new_state`` is ``state`` with every tracked
@@ -800,6 +805,12 @@ def stats_repair_state(
         bn = get_module(model, name)
         if not bn.track_running_stats:
             continue
+        if static:
+            if name not in maps:
+                continue
+            orig = reference.bn_anchored[name]
+            A = maps[name].to(orig.mean.dtype)
+            mom = Moments(A @ orig.mean, A @ orig.cov @ A.t())
         new.setdefault(name, {})["running_mean"] = mom.mean.to(bn.running_mean.dtype)
         new[name]["running_var"] = mom.var.to(bn.running_var.dtype)
     for name, (scale, shift) in folded.corrections.items():
