@@ -146,8 +146,8 @@ def test_propagation_matches_monte_carlo_on_gaussian_inputs() -> None:
 
     prop = propagate(model, x[:2], input_moments=[Moments(mu, sigma)])
     got = prop.bn_inputs["4"]
-    assert _rel_err(got.mean, pre_bn2.mean(0)) < 0.01  # measured 1.7e-3
-    assert _rel_err(got.cov, torch.cov(pre_bn2.t())) < 0.01  # measured 2.6e-3
+    assert _rel_err(got.mean, pre_bn2.mean(0)) < 0.01  # measured 3.0e-3
+    assert _rel_err(got.cov, torch.cov(pre_bn2.t())) < 0.01  # measured 4.8e-3
     relu = gaussian_moments(prop.bn_anchored["1"].mean, prop.bn_anchored["1"].cov, torch.relu)
     assert relu.mean.shape == (10,)
     ref_cov = torch.cov(relu1.t())
@@ -156,7 +156,7 @@ def test_propagation_matches_monte_carlo_on_gaussian_inputs() -> None:
 
     # Negative control: the same propagation from white inputs misses the sampled covariance.
     white = propagate(model, x[:2])
-    assert _rel_err(white.bn_inputs["4"].cov, torch.cov(pre_bn2.t())) > 0.1
+    assert _rel_err(white.bn_inputs["4"].cov, torch.cov(pre_bn2.t())) > 0.1  # measured 0.39
 
 
 def test_relu_moments_match_sampling() -> None:
@@ -253,13 +253,13 @@ def cnn_distances() -> dict[str, float]:
 def test_stats_closer_to_data_repair_than_none(cnn_distances) -> None:
     """(c) The predicted BatchNorm statistics are near what a calibration pass measures."""
     d = cnn_distances
-    assert d["stats"] < 0.5 * d["none"], d
+    assert d["stats"] < 0.5 * d["none"], d  # measured 0.62 vs 1.82
 
 
 def test_uncorrelated_control_fails_the_same_check(cnn_distances) -> None:
     """(d) Identity correlation inside clusters: the check of (c) fails."""
     d = cnn_distances
-    assert not d["uncorrelated"] < 0.5 * d["none"], d
+    assert not d["uncorrelated"] < 0.5 * d["none"], d  # measured 1.17 vs 0.5 * 1.82
     assert d["uncorrelated"] > 1.5 * d["stats"], d
 
 
