@@ -22,6 +22,7 @@ from .fold.deep_inversion import synthesize
 from .fold.merge import ColumnShifts, TensorState, merge_group, merge_matrices
 from .fold.methods import GroupPlan, plan_group
 from .fold.repair import collect_inputs, producer_stats, repair_with_batch
+from .fold.stats_repair import repair_maps, stats_repair_state
 from .graph.groups import ChannelGroup
 from .graph.surgery import Snapshot, apply_tensors, get_module
 from .graph.trace import find_groups, infer_example_inputs
@@ -454,6 +455,10 @@ def fold(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised(model)
     family = model_family(model)
+    if family is not None and config.repair == "stats":
+        raise ValueError(
+            f"repair='stats' supports traced CNNs / MLPs, not {type(model).__name__}; use 'ar'"
+        )
     if family is not None:
         return family(model, config, data=data, widths=widths, groups=groups, progress=progress)
     if widths is not None:
@@ -529,6 +534,8 @@ def fold(
                 A = merge_matrices(pl.labels, pl.k, pl.rule, torch.float64)[1]
                 mu, sd = stats[p]
                 targets[p] = (A @ mu, A @ sd)
+    if todo and config.repair == "stats":  # predicted statistics join the merged tensors
+        state = stats_repair_state(model, state, repair_maps(todo, plans), example_inputs)[0]
 
     touched = sorted(
         state.keys()

@@ -25,7 +25,7 @@ CLUSTER_METHODS = (
 PRUNE_METHODS = ("magnitude-l1", "magnitude-l2")
 MERGE_BASELINES = ("ifm",)
 METHODS = CLUSTER_METHODS + PRUNE_METHODS + MERGE_BASELINES
-REPAIRS = ("none", "ar", "dir", "data")
+REPAIRS = ("none", "ar", "dir", "data", "stats")
 ALLOCATIONS = ("uniform", "cost")
 #: The ratio a FoldConfig uses when neither ``ratio`` nor ``target_sparsity`` is given.
 DEFAULT_RATIO = 0.5
@@ -211,7 +211,9 @@ class FoldConfig(_JSONMixin):
             (structured pruning by the coupled weights' norm) or "ifm" (iterative feature
             merging).
         repair: "none" (Fold-naive), "ar" (approximate REPAIR, data-free), "dir" (Deep-Inversion
-            REPAIR, data-free), "data" (REPAIR with calibration batches).
+            REPAIR, data-free), "data" (REPAIR with calibration batches), "stats" (data-free,
+            instant: BatchNorm statistics predicted from the stored ones by moment
+            propagation, :mod:`netfold.fold.stats_repair`).
         seed: seeds every random choice (k-means init, deep inversion).
         n_init / max_iter / tol: k-means restarts, Lloyd iterations per restart, relative
             tolerance on the objective for early stopping.
