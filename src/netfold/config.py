@@ -223,7 +223,9 @@ class FoldConfig(_JSONMixin):
             (structured pruning by the coupled weights' norm) or "ifm" (iterative feature
             merging).
         repair: "none" (Fold-naive), "ar" (approximate REPAIR, data-free), "dir" (Deep-Inversion
-            REPAIR, data-free), "data" (REPAIR with calibration batches).
+            REPAIR, data-free), "data" (REPAIR with calibration batches), "stats" (data-free,
+            instant: BatchNorm statistics predicted from the stored ones by moment
+            propagation, :mod:`netfold.fold.stats_repair`).
         seed: seeds every random choice (k-means init, deep inversion).
         n_init / max_iter / tol: k-means restarts, Lloyd iterations per restart, relative
             tolerance on the objective for early stopping.

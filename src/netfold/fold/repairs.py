@@ -179,3 +179,4 @@ register(
 )
 
 # Repair modules that register themselves (one import line each):
+from . import stats_repair  # noqa: E402, F401 - registers repair='stats'
