@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import netfold
-import netfold.api
+from netfold.fold import stats_repair as stats_mod
 from netfold.fold.stats_repair import Moments, gaussian_moments, propagate, stats_repair_state
 
 torch.set_num_threads(1)
@@ -68,12 +68,12 @@ def _fold_first(model: nn.Module, x: torch.Tensor, **ablation) -> nn.Module:
     m = copy.deepcopy(model)
     cfg = netfold.FoldConfig(ratio=0.0, ratios={"0": 0.5}, repair="stats")
     if ablation:
-        orig = netfold.api.stats_repair_state
-        netfold.api.stats_repair_state = functools.partial(orig, **ablation)
+        orig = stats_mod.stats_repair_state
+        stats_mod.stats_repair_state = functools.partial(orig, **ablation)
         try:
             netfold.fold(m, cfg, example_inputs=x[:2])
         finally:
-            netfold.api.stats_repair_state = orig
+            stats_mod.stats_repair_state = orig
     else:
         netfold.fold(m, cfg, example_inputs=x[:2])
     return m
@@ -228,12 +228,12 @@ def _fold_cnn(repair: str, x: torch.Tensor, **ablation) -> nn.Module:
     cfg = netfold.FoldConfig(ratio=0.5, repair=repair)
     data = x if repair == "data" else None
     if ablation:
-        orig = netfold.api.stats_repair_state
-        netfold.api.stats_repair_state = functools.partial(orig, **ablation)
+        orig = stats_mod.stats_repair_state
+        stats_mod.stats_repair_state = functools.partial(orig, **ablation)
         try:
             netfold.fold(model, cfg, example_inputs=x[:2], data=data)
         finally:
-            netfold.api.stats_repair_state = orig
+            stats_mod.stats_repair_state = orig
     else:
         netfold.fold(model, cfg, example_inputs=x[:2], data=data)
     return model
