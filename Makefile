@@ -29,6 +29,7 @@ run: setup data
 	$(PY) -m netfold.demo
 
 test: setup data
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: setup
