@@ -408,9 +408,11 @@ def test_kill9_during_saves_never_corrupts():
 
 
 # ------------------------------------------------------------------- any head count saves
-def _fold64(model, ratio: float):
+def _fold64(model, ratio: float, reports: list | None = None):
     model = model.double().eval()
-    netfold.fold(model, netfold.FoldConfig(ratio=ratio))
+    report = netfold.fold(model, netfold.FoldConfig(ratio=ratio))
+    if reports is not None:
+        reports.append(report)
     return model
 
 
@@ -482,7 +484,9 @@ def test_folded_heads_not_dividing_hidden_save_and_reload_exactly(tmp_path, name
 
 def test_llama_fallback_is_chosen_by_validation(tmp_path):
     """Tiny Llama (hidden 64, 8 heads, 2 KV) at ratio 0.25 -> 6 heads: refused as stock
-    fields, saved via the extension; at ratio 0.5 -> 4 heads it divides and stays stock."""
+    fields, saved via the extension; at ratio 0.5 -> 4 heads it divides and stays stock.
+    The fold's Report says so before any save."""
+    reports: list = []
     m6 = _fold64(
         _llama(
             hidden_size=64,
@@ -493,8 +497,11 @@ def test_llama_fallback_is_chosen_by_validation(tmp_path):
             num_hidden_layers=2,
         ),
         0.25,
+        reports,
     )
     assert m6.config.num_attention_heads == 6
+    assert reports[0].extra["save_format"] == "netfold extension"
+    assert any("netfold_layer_widths" in w for w in reports[0].warnings)
     assert "hidden size" in (llama.config_error(m6.config) or "")
     with pytest.warns(llama.ConfigExtensionWarning):
         llama.save_pretrained(m6, tmp_path / "six")
@@ -508,7 +515,9 @@ def test_llama_fallback_is_chosen_by_validation(tmp_path):
             num_hidden_layers=2,
         ),
         0.5,
+        reports,
     )
+    assert reports[1].extra["save_format"] == "stock config" and not reports[1].warnings
     assert m4.config.num_attention_heads == 4 and llama.config_error(m4.config) is None
     llama.save_pretrained(m4, tmp_path / "four")
     assert llama.config_extension(tmp_path / "four") is None

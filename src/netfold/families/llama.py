@@ -87,8 +87,21 @@ HOOKS = DecoderHooks(
 
 
 def fold_decoder(model: nn.Module, config: FoldConfig, **kw: Any) -> Report:
-    """Fold a supported Hugging Face decoder in place; see :func:`netfold.fold.decoder.fold_decoder`."""
-    return D.fold_decoder(model, config, HOOKS, **kw)
+    """Fold a supported Hugging Face decoder in place; see :func:`netfold.fold.decoder.fold_decoder`.
+
+    The Report says how the folded widths will save (``extra["save_format"]``): in the stock
+    config fields, or, when the installed transformers refuses them (a head count that no
+    longer divides the hidden size), through the netfold config extension, with a warning.
+    """
+    report = D.fold_decoder(model, config, HOOKS, **kw)
+    try:
+        note = _saved_config(model)[1]
+    except ValueError as e:  # not even the extension fits: saving will raise the same
+        note = f"cannot be saved with the installed transformers: {e}"
+    report.extra["save_format"] = "stock config" if note is None else "netfold extension"
+    if note is not None:
+        report.warnings.append(note)
+    return report
 
 
 def collect_mlp_inputs(model: nn.Module, data: Any, **kw: Any) -> dict[str, Any]:
