@@ -72,10 +72,12 @@ TARGETS = {
             # one -k expression applies to every file given
             "tests/test_fold.py",
             "tests/test_baselines.py",
+            "tests/test_trace.py",
             "-k",
             "merge_matches or group_features or planted_duplicates or negative_control "
             "or merge_matrices_rules or ifm_merges or unit_normalisation "
-            "or ratio_zero_is_bit_identical and mlp",
+            "or ratio_zero_is_bit_identical and mlp "
+            "or cat_of_same or crossing or grouped_conv_groups or grouped_conv_width",
         ),
     ),
     "repair": Target(
