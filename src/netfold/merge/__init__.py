@@ -1,6 +1,6 @@
 """netfold.merge: model folding across several networks, beside Weight Matching, ZipIt! and averaging.
 
-    merged, report = netfold.merge([a, b], netfold.MergeConfig(method="fold"))
+merged, report = netfold.merge([a, b], netfold.MergeConfig(method="fold"))
 """
 
 from .config import MERGE_METHODS, MERGE_REPAIRS, MergeConfig

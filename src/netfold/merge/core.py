@@ -314,7 +314,7 @@ def _activations(
         got: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
         handles = []
 
-        def hook(g: ChannelGroup):
+        def hook(g: ChannelGroup, got: dict[str, list[torch.Tensor]] = got):
             def f(mod, inp, out):
                 axis = 1 if out.dim() > 2 and not isinstance(mod, nn.Linear) else out.dim() - 1
                 got[g.name].append(out.detach().to(F64).movedim(axis, 0).reshape(g.size, -1))
@@ -339,9 +339,7 @@ def _activations(
                 h.remove()
             model.train(was)
         per_model.append(got)
-    return {
-        g.name: torch.cat([torch.cat(pm[g.name], 1) for pm in per_model], 0) for g in groups
-    }
+    return {g.name: torch.cat([torch.cat(pm[g.name], 1) for pm in per_model], 0) for g in groups}
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -593,7 +591,9 @@ def merge(
     for g in todo:
         al = aligns[g.name]
         report.groups.append(
-            GroupReport(g.name, g.size, al.k, g.modules, costs.get(g.name), al.labels.flatten().tolist())
+            GroupReport(
+                g.name, g.size, al.k, g.modules, costs.get(g.name), al.labels.flatten().tolist()
+            )
         )
         owners = torch.zeros(al.k, M, dtype=torch.bool)
         for m in range(M):
