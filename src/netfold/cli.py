@@ -434,6 +434,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     # Every option is checked before any model is loaded.
     check_output(args.out, "--out")
     positive(args, "calib")
+    if len(args.models) < 2:
+        raise ValueError(f"merge needs at least two models, got {len(args.models)}")
     data_name = _no_data(args.data)
     _check_dataset(data_name)
     shape_arg = _input_shape(args.input_shape)
