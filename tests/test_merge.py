@@ -141,6 +141,17 @@ def test_permuted_copy_is_recovered_exactly(kind, method):
     assert report.extra["cross_model_fraction"] == 1.0  # every merged channel is a pair
 
 
+@pytest.mark.parametrize("method", ["fold", "weight-matching"])
+def test_first_pass_alone_recovers_a_permuted_copy(method):
+    """The first pass uses only features already comparable across models (graph order):
+    enough for an exact copy without any coordinate descent."""
+    a, x = make("res", 0)
+    b = permuted_copy(a, x, seed=5)
+    merged, report = merge([a, b], MergeConfig(method=method, max_passes=1), example_inputs=x)
+    assert report.extra["passes"] == 1
+    assert max_err(merged(x), a(x)) < 1e-10
+
+
 @pytest.mark.parametrize("kind", ["cnn", "res", "mlp"])
 def test_average_of_permuted_copy_fails(kind):
     """Negative control: the same pair without alignment is far from the original."""
@@ -324,6 +335,11 @@ def test_zipit_with_data_uses_activation_correlations():
         assert max_err(merged(x), a(x)) < 1e-10
     _, report = merge([a, b], MergeConfig(method="zipit"), example_inputs=x)
     assert report.extra["features"] == "weights"
+    # on two different models the two similarity measures pair channels differently
+    c, _ = make("cnn", 1)
+    _, r_act = merge([a, c], MergeConfig(method="zipit"), example_inputs=x, data=data)
+    _, r_w = merge([a, c], MergeConfig(method="zipit"), example_inputs=x)
+    assert [g.labels for g in r_act.groups] != [g.labels for g in r_w.groups]
     assert any("without data" in w for w in report.warnings)
 
 
@@ -349,6 +365,11 @@ def test_zipit_greedy_pairs_within_and_across_models():
     labels, mean_sim = zipit_labels(S, 3, 2)
     assert labels.tolist() == [0, 0, 1, 2, 1, 2]
     assert math.isclose(mean_sim, 0.8, rel_tol=1e-12)
+    # the size cap (two models: pairs) blocks chaining 0-1-2; 2 then pairs with the leftover 5
+    S = torch.full((6, 6), -1.0, dtype=torch.float64)
+    for i, j, v in [(0, 1, 0.9), (1, 2, 0.85), (3, 4, 0.8), (4, 5, 0.7)]:
+        S[i, j] = S[j, i] = v
+    assert zipit_labels(S, 3, 2)[0].tolist() == [0, 0, 1, 2, 2, 1]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -387,6 +408,28 @@ def test_bad_input_is_refused_and_changes_nothing(case):
     before = snapshot(models)
     with pytest.raises(ValueError, match=match):
         merge(models, kw.pop("config", MergeConfig()), example_inputs=X_CNN, **kw)
+    assert_unchanged(models, before)
+
+
+class Flagged(nn.Module):
+    """Same tensors whatever ``add`` is; ``add`` joins the two hidden layers into one group."""
+
+    def __init__(self, add: bool) -> None:
+        super().__init__()
+        self.add = add
+        self.a, self.b, self.c = nn.Linear(16, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x.flatten(1)))
+        h2 = self.b(h)
+        return self.c(torch.relu(h2 + h if self.add else h2))
+
+
+def test_same_tensors_other_groups_is_refused():
+    models = [Flagged(False).double().eval(), Flagged(True).double().eval()]
+    before = snapshot(models)
+    with pytest.raises(ValueError, match="models\\[1\\] has other channel groups"):
+        merge(models, example_inputs=X_MLP)
     assert_unchanged(models, before)
 
 
