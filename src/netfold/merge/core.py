@@ -290,9 +290,9 @@ def _features(
         for cons in g.consumers:
             w = get_module(model, cons.module).weight.detach().to(F64)
             h = lay.producer_group.get(cons.module)
+            if h is not None and not ready(h):
+                continue  # its rows are still in each model's own order
             if h is not None and not aligns[h.name].identity:
-                if not ready(h):
-                    continue
                 w = _rows(M * aligns[h.name].P(m), w)
             cols.append(consumer_columns(w, g, cons))
         if not cols:
