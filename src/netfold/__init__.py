@@ -9,6 +9,7 @@ from .config import DeepInversionConfig, FoldConfig
 from .fuse import FuseConfig, fuse
 from .graph.trace import TraceError, find_groups
 from .io import load, save
+from .merge import MergeConfig, merge
 from .registry import register_arch
 from .report import GroupReport, Report
 
@@ -18,6 +19,7 @@ __all__ = [
     "FoldConfig",
     "FuseConfig",
     "GroupReport",
+    "MergeConfig",
     "Report",
     "TraceError",
     "collapse",
@@ -25,6 +27,7 @@ __all__ = [
     "fold",
     "fuse",
     "load",
+    "merge",
     "register_arch",
     "save",
 ]

@@ -1,0 +1,9 @@
+"""netfold.merge: model folding across several networks, beside Weight Matching, ZipIt! and averaging.
+
+merged, report = netfold.merge([a, b], netfold.MergeConfig(method="fold"))
+"""
+
+from .config import MERGE_METHODS, MERGE_REPAIRS, MergeConfig
+from .core import Alignment, merge
+
+__all__ = ["MERGE_METHODS", "MERGE_REPAIRS", "Alignment", "MergeConfig", "merge"]
