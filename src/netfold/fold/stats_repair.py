@@ -133,6 +133,15 @@ _IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
     nn.AlphaDropout,
     nn.Upsample,
     nn.Flatten,
+    # spatial padding: the same for every channel; border zeros are ignored in the moments
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
 )
 _IDENTITY_FUNCTIONS = {
     F.dropout,
@@ -149,6 +158,7 @@ _IDENTITY_FUNCTIONS = {
     F.dropout2d,
     torch.clone,
     torch.flatten,
+    F.pad,
 }
 _IDENTITY_METHODS = {
     "flatten",
@@ -533,6 +543,22 @@ class _Pass:
                 )
             if fn in _IDENTITY_FUNCTIONS:
                 return self._identity(node, self._arg(env, node))
+            if fn in (F.conv1d, F.conv2d):  # a conv module calling F.conv* on its own weights
+                names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+                ba = dict(zip(names, node.args), **node.kwargs)
+                w, b = ba.get("weight"), ba.get("bias")
+                is_attr = getattr(w, "op", None) == "get_attr"
+                owner = str(w.target).rpartition(".")[0] if is_attr else None
+                if owner is None or (
+                    b is not None
+                    and (getattr(b, "op", None) != "get_attr" or str(b.target) != f"{owner}.bias")
+                ):
+                    raise self._unsupported(node, f"function {fn.__name__} on foreign weights")
+                dil = ba.get("dilation", 1)
+                nd = len(self.get(owner, "weight").shape) - 2
+                dil = tuple(dil) if isinstance(dil, (list, tuple)) else (int(dil),) * nd
+                conv = (dil, int(ba.get("groups", 1)))
+                return self._linear(node, owner, self._arg(env, node), conv)
             if fn in _ADD or fn in _SUB or fn in _SCALE:
                 return self._binary(node, fn, env)
             if fn is getattr:
@@ -593,8 +619,15 @@ class _Pass:
             return x
         raise self._unsupported(node, f"a reshape from {in_shape} to {out_shape}")
 
-    def _linear(self, node: fx.Node, name: str, x: Moments) -> Moments:
+    def _linear(
+        self, node: fx.Node, name: str, x: Moments, conv: tuple[tuple, int] | None = None
+    ) -> Moments:
+        """Linear / conv ``name`` on moments ``x``; ``conv``: (dilation, groups) of a functional
+        conv call (a module's own attributes otherwise)."""
         w = self.get(name, "weight")
+        if conv is None and w.dim() > 2:
+            mod = self.gm.get_submodule(name)
+            conv = (tuple(mod.dilation), int(mod.groups))
         b = self.get(name, "bias")
         c_in = x.mean.shape[0]
         if w.dim() == 2 and x.taps > 1:
@@ -611,8 +644,7 @@ class _Pass:
             if w.dim() == 3 and x.taps > 1:  # Linear after flatten: positions, no kernel grid
                 dist = 1.0 - torch.eye(dense.shape[0], dtype=self.dt)
             else:
-                mod = self.gm.get_submodule(node.target)
-                dist = _tap_distance(w.shape[2:], mod.dilation, self.dt)
+                dist = _tap_distance(w.shape[2:], conv[0], self.dt)
             if self.ref is None:
                 mix = self._calibrate(node, dense, x.cov, dist)
                 self.rec.mix[name] = mix
@@ -620,8 +652,9 @@ class _Pass:
                 mix = self.ref.mix[name]
             cov = _spatial_cov(dense, x.cov, dist, mix)
         out = Moments(mean, cov)
-        mod = self.gm.get_submodule(node.target)
-        per_channel = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == mod.in_channels > 1
+        # a depthwise conv (one input channel per filter); the traced groups constant is the
+        # unfolded width, so read it off the (possibly folded) weight instead
+        per_channel = conv is not None and conv[1] > 1 and w.dim() > 2 and w.shape[1] == 1
         if self.ref is not None and name in self.maps and not per_channel:
             # A folded producer without BatchNorm (a depthwise conv is a per-channel op of its
             # group instead: the BatchNorm after it is anchored).

@@ -74,6 +74,15 @@ _SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.Upsample,
+    # padding of the spatial axes treats every channel alike
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
 )
 _UNARY_FUNCTIONS = {
     F.relu,
@@ -426,6 +435,19 @@ def _own_tensors(mod: nn.Module, name: str, ba: dict, keys: Sequence[str]) -> bo
     return True
 
 
+def _producer_name(src) -> str | None:
+    """The module whose weights compute node ``src``: a module call, or a functional
+    conv / linear call on one module's ``weight`` (None otherwise)."""
+    if not isinstance(src, fx.Node):
+        return None
+    if src.op == "call_module":
+        return str(src.target)
+    if src.op == "call_function" and src.target in (F.conv1d, F.conv2d, F.linear):
+        owner = _attr_of(src.args[1] if len(src.args) > 1 else src.kwargs.get("weight"))
+        return owner[0] if owner and owner[1] == "weight" else None
+    return None
+
+
 def _real_users(node: fx.Node) -> list[fx.Node]:
     """Users that read values (not only the shape: timm asserts on ``x.ndim``)."""
     return [u for u in node.users if not _shape_query(u)]
@@ -537,15 +559,57 @@ def _analyse(gm: fx.GraphModule, model: nn.Module) -> list[ChannelGroup]:
             return
         s = remember(module_in, name, first.space)
         sp.channel_ops[sp.find(s)].append(name)
+        producer = _producer_name(src)
         if (
-            isinstance(src, fx.Node)
-            and src.op == "call_module"
-            and isinstance(modules[str(src.target)], (nn.Conv1d, nn.Conv2d, nn.Linear))
+            producer is not None
+            and isinstance(modules.get(producer), (nn.Conv1d, nn.Conv2d, nn.Linear))
             and len(_real_users(src)) == 1
-            and str(src.target) in sp.producers[sp.find(s)]
+            and producer in sp.producers[sp.find(s)]
         ):
-            sp.bn_of[sp.find(s)][str(src.target)] = name
+            sp.bn_of[sp.find(s)][producer] = name
         vals[node] = _Val(sp.find(s), 1)
+
+    def do_conv(node: fx.Node, name: str, mod: nn.Module, first) -> None:
+        """Conv1d / Conv2d (module call, or functional call on one conv module's weights)."""
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        ok = first is not None and first.axis == 1 and first.repeat == 1
+        if not ok or (first.compound and mod.groups > 1):
+            if first is not None:
+                freeze_val(first, f"{name} reads an unexpected layout")
+            if depthwise:
+                vals[node] = _Val(
+                    sp.new(
+                        mod.out_channels,
+                        frozen=f"{name}: depthwise conv on untracked input",
+                    ),
+                    1,
+                )
+                return
+            out = new_producer(name, mod.out_channels)
+            if mod.groups > 1:
+                sp.set_align(out, mod.groups)
+            vals[node] = _Val(out, 1)
+            return
+        if depthwise:
+            s = remember(module_in, name, first.space)
+            s = sp.union(s, remember(module_out, name, s), "depthwise")
+            sp.channel_ops[sp.find(s)].append(name)
+            vals[node] = _Val(s, 1)
+            return
+        if mod.groups > 1:
+            # Grouped conv: output channels of conv group j read only input group j,
+            # so both spaces fold with clusters confined to conv groups.
+            if sp.size[sp.find(first.space)] != mod.in_channels:
+                sp.freeze(first.space, f"{name}: in_channels != traced width")
+            s_in = remember(module_in, name, first.space)
+            sp.set_align(s_in, mod.groups)
+            sp.consumers[sp.find(s_in)].append(Consumer(name, 1, groups=mod.groups))
+            out = new_producer(name, mod.out_channels)
+            sp.set_align(out, mod.groups)
+            vals[node] = _Val(out, 1)
+            return
+        consume(name, first, mod.in_channels, name)
+        vals[node] = _Val(new_producer(name, mod.out_channels), 1)
 
     def do_layer_norm(node: fx.Node, name: str | None, norm_shape, first, shape, label) -> None:
         """LayerNorm over the channel axis (the last): a per-channel op, approximately."""
@@ -605,6 +669,32 @@ def _analyse(gm: fx.GraphModule, model: nn.Module) -> list[ChannelGroup]:
             ok_use.update((str(ba[k].target), node) for k in keys if ba.get(k) is not None)
             do_layer_norm(node, owner[0], norm_shape, first, shape, label)
             return True
+        if tgt in (F.conv1d, F.conv2d):
+            # Conv subclasses that call F.conv2d on their own weights (e.g. "same"-padding
+            # convs) are the conv module itself, when every argument is the module's own.
+            keys = ("weight", "bias")
+            ba = _bind(node, ("input",) + keys + ("stride", "padding", "dilation", "groups"))
+            owner = _attr_of(ba.get("weight"))
+            mod = modules.get(owner[0]) if owner else None
+            if (
+                not isinstance(mod, (nn.Conv1d, nn.Conv2d))
+                or not _own_tensors(mod, owner[0], ba, keys)
+                or ba.get("groups", 1) != mod.groups
+            ):
+                unknown(node, f"op {tgt.__name__} with weights that are not one conv module's")
+                return True
+            ok_use.update((str(ba[k].target), node) for k in keys if ba.get(k) is not None)
+            do_conv(node, owner[0], mod, first)
+            return True
+        if tgt is F.pad:
+            ba = _bind(node, ("input", "pad", "mode", "value"))
+            pad, nd = ba.get("pad"), len(in_shape) if in_shape is not None else 0
+            spatial = isinstance(pad, (list, tuple)) and len(pad) <= 2 * (nd - 2)
+            if first is not None and (not spatial or first.axis != 1 or first.repeat != 1):
+                unknown(node, "op pad pads the channel axis or an unexpected layout")
+                return True
+            vals[node] = first  # padding H / W treats every channel alike
+            return True
         if tgt is F.linear:
             keys = ("weight", "bias")
             ba = _bind(node, ("input",) + keys)
@@ -663,45 +753,7 @@ def _analyse(gm: fx.GraphModule, model: nn.Module) -> list[ChannelGroup]:
                 unknown(node, f"module {name} ({kind}) returns a tuple the tracer does not follow")
                 continue
             if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-                depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-                ok = first is not None and first.axis == 1 and first.repeat == 1
-                if not ok or (first.compound and mod.groups > 1):
-                    if first is not None:
-                        freeze_val(first, f"{name} reads an unexpected layout")
-                    if depthwise:
-                        vals[node] = _Val(
-                            sp.new(
-                                mod.out_channels,
-                                frozen=f"{name}: depthwise conv on untracked input",
-                            ),
-                            1,
-                        )
-                        continue
-                    out = new_producer(name, mod.out_channels)
-                    if mod.groups > 1:
-                        sp.set_align(out, mod.groups)
-                    vals[node] = _Val(out, 1)
-                    continue
-                if depthwise:
-                    s = remember(module_in, name, first.space)
-                    s = sp.union(s, remember(module_out, name, s), "depthwise")
-                    sp.channel_ops[sp.find(s)].append(name)
-                    vals[node] = _Val(s, 1)
-                    continue
-                if mod.groups > 1:
-                    # Grouped conv: output channels of conv group j read only input group j,
-                    # so both spaces fold with clusters confined to conv groups.
-                    if sp.size[sp.find(first.space)] != mod.in_channels:
-                        sp.freeze(first.space, f"{name}: in_channels != traced width")
-                    s_in = remember(module_in, name, first.space)
-                    sp.set_align(s_in, mod.groups)
-                    sp.consumers[sp.find(s_in)].append(Consumer(name, 1, groups=mod.groups))
-                    out = new_producer(name, mod.out_channels)
-                    sp.set_align(out, mod.groups)
-                    vals[node] = _Val(out, 1)
-                    continue
-                consume(name, first, mod.in_channels, label)
-                vals[node] = _Val(new_producer(name, mod.out_channels), 1)
+                do_conv(node, name, mod, first)
                 continue
             if isinstance(mod, nn.Linear):
                 do_linear(node, name, mod, first, in_shape, shape, label)
