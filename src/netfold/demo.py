@@ -1,8 +1,8 @@
 """The default job of `make run`: fold a real trained CNN without data and show what it costs.
 
 Trains (or reuses from ~/.cache/netfold) a small BatchNorm CNN on Fashion-MNIST, then folds a copy
-at 30% of the channels with Fold-naive, Fold-AR (data-free) and Fold-R (512 calibration images),
-printing test accuracy, parameters, FLOPs and fold time before and after.
+at 30% of the channels with Fold-naive, Fold-AR and Fold-stats (both data-free) and Fold-R (512
+calibration images), printing test accuracy, parameters, FLOPs and fold time before and after.
 
 Run: python -m netfold.demo [--ratio 0.5] [--model small_cnn]
 """
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, repair in (
         ("Fold-naive", "none"),
         ("Fold-AR (no data)", "ar"),
+        ("Fold-stats (no data)", "stats"),
         ("Fold-R (512 images)", "data"),
     ):
         m = copy.deepcopy(model)
