@@ -528,3 +528,15 @@ def test_timm_groups_follow_se_layer_scale_and_vit_stream():
     assert by_prod[("vit_tiny_patch16_224", "blocks.0.mlp.fc1")].foldable
     qkv = by_prod[("vit_tiny_patch16_224", "blocks.0.attn.qkv")]
     assert not qkv.foldable and "attention heads" in qkv.frozen_reasons[0]
+
+
+def test_report_warns_when_a_folded_group_is_approximate():
+    x = torch.randn(2, 3, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    rep = netfold.fold(
+        _toy(), netfold.FoldConfig(ratio=0.5, repair="none", n_init=1), example_inputs=x
+    )
+    approx = [w for w in rep.warnings if "folds approximately" in w]
+    assert len(approx) == 1 and "stem+1" in approx[0] and "norm" in approx[0]
+    # a group that passes no LayerNorm folds without such a warning; nothing folded, none
+    rep0 = netfold.fold(_toy(), netfold.FoldConfig(ratio=0.0, repair="none"), example_inputs=x)
+    assert not [w for w in rep0.warnings if "folds approximately" in w]

@@ -72,6 +72,10 @@ class Report:
         """
         for g in groups:
             if g.foldable:
+                k = widths.get(g.name, g.size)
+                for why in getattr(g, "approximations", ()) if k < g.size else ():
+                    # e.g. a LayerNorm over the channels: not exact even for duplicates
+                    self.warnings.append(f"group {g.name} folds approximately: {why}")
                 lab = labels.get(g.name)
                 self.groups.append(
                     GroupReport(
