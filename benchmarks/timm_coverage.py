@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import netfold
 from netfold.eval.latency import machine_info
-from netfold.graph.surgery import get_module
+from netfold.graph.surgery import copy_channels, get_module
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = [
@@ -88,29 +88,7 @@ def planted_error(name: str, seed: int) -> float:
                 t.copy_(0.5 + torch.rand(t.shape, generator=g0, dtype=t.dtype))
             n, bs, db = g.size, g.size // g.align, distinct[g.name] // g.align
             i = torch.arange(n)
-            src = (i // bs) * bs + (i % bs) % db
-            for mname in g.producers + g.channel_ops:
-                m = get_module(model, mname)
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None and t.dim() >= 1 and t.shape[0] == n:
-                        t.copy_(t[src])
-            for cp in g.channel_params:
-                t = getattr(get_module(model, cp.module), cp.tensor)
-                t.copy_(t.index_select(cp.axis, src))
-            for c in g.consumers:
-                w = get_module(model, c.module).weight
-                out = w.shape[0]
-                if c.groups > 1:
-                    per = n // c.groups
-                    v = w.view(c.groups, out // c.groups, per, -1)
-                    for j in range(c.groups):
-                        v[j].copy_(v[j][:, src[j * per : (j + 1) * per] - j * per])
-                    continue
-                v = w.view(out, w.shape[1], -1)
-                seg = v[:, c.offset * c.repeat : (c.offset + n) * c.repeat].view(
-                    out, n, c.repeat, -1
-                )
-                seg.copy_(seg[:, src])
+            copy_channels(model, g, (i // bs) * bs + (i % bs) % db)
         ref = model(x)
     ratios = {g.name: 1.0 - distinct[g.name] / g.size for g in todo}
     cfg = netfold.FoldConfig(ratio=0.0, ratios=ratios, repair="none", n_init=1, max_iter=5)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 import netfold
-from netfold.graph.surgery import get_module
+from netfold.graph.surgery import copy_channels
 from netfold.models import build_model
 
 
@@ -44,22 +44,9 @@ def _state_equal(a: dict, b: dict) -> bool:
 def _plant_duplicates(model: nn.Module, groups, distinct: dict[str, int]) -> None:
     """Make channel i a copy of channel i % d in every listed group (rows, per-channel
     parameters and consumer columns), so the group folds exactly to d channels."""
-    with torch.no_grad():
-        for g in groups:
-            if g.name not in distinct:
-                continue
-            d = distinct[g.name]
-            src = torch.arange(g.size) % d
-            for name in g.producers + g.channel_ops:
-                m = get_module(model, name)
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None and t.dim() >= 1 and t.shape[0] == g.size:
-                        t.copy_(t[src])
-            for c in g.consumers:
-                w = get_module(model, c.module).weight
-                out = w.shape[0]
-                v = w.view(out, g.size, c.repeat, -1)
-                v.copy_(v[:, src])
+    for g in groups:
+        if g.name in distinct:
+            copy_channels(model, g, torch.arange(g.size) % distinct[g.name])
 
 
 # ---------------------------------------------------------------- identity at ratio 0

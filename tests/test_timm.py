@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netfold
-from netfold.graph.surgery import get_module
+from netfold.graph.surgery import copy_channels, get_module
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -52,34 +52,10 @@ def _twins(n: int, align: int, d: int, skew: bool = False) -> torch.Tensor:
 
 
 def plant(model: nn.Module, groups, src_of: dict) -> None:
-    """Copy channels ``src_of[name]`` in every listed group: producer rows, per-channel modules'
-    tensors, per-channel parameters along their axis, consumer columns (grouped per conv group)."""
-    with torch.no_grad():
-        for g in groups:
-            if g.name not in src_of:
-                continue
-            src, n = src_of[g.name], g.size
-            for name in g.producers + g.channel_ops:
-                m = get_module(model, name)
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None and t.dim() >= 1 and t.shape[0] == n:
-                        t.copy_(t[src])
-            for cp in g.channel_params:
-                t = getattr(get_module(model, cp.module), cp.tensor)
-                t.copy_(t.index_select(cp.axis, src))
-            for c in g.consumers:
-                w = get_module(model, c.module).weight
-                out = w.shape[0]
-                if c.groups > 1:
-                    per = n // c.groups
-                    v = w.view(c.groups, out // c.groups, per, -1)
-                    for j in range(c.groups):
-                        v[j].copy_(v[j][:, src[j * per : (j + 1) * per] - j * per])
-                    continue
-                v = w.view(out, w.shape[1], -1)
-                lo = c.offset * c.repeat
-                seg = v[:, lo : lo + n * c.repeat].view(out, n, c.repeat, -1)
-                seg.copy_(seg[:, src])
+    """Copy channels ``src_of[name]`` in every listed group (netfold's copy_channels)."""
+    for g in groups:
+        if g.name in src_of:
+            copy_channels(model, g, src_of[g.name])
 
 
 def randomise(model: nn.Module, groups, seed: int = 0) -> nn.Module:

@@ -16,7 +16,7 @@ import torchvision
 
 import netfold
 from netfold.fold import run as fold_run
-from netfold.graph.surgery import get_module
+from netfold.graph.surgery import copy_channels, get_module
 
 F64 = torch.float64
 
@@ -25,43 +25,20 @@ F64 = torch.float64
 def plant_duplicates(model: nn.Module, groups, distinct: dict[str, int], cross: bool = False):
     """Make every channel of each listed group a copy of one of ``distinct[name]`` channels.
 
-    Producer rows and per-channel parameters are copied; so are the consumer columns (each
-    consumer read at its offset, a grouped conv per conv group), so merging the copies is
-    exact. Duplicates stay inside the group's conv blocks (``align``) unless ``cross`` (a
-    negative control: copies across conv groups cannot fold exactly).
+    Duplicates stay inside the group's conv blocks (``align``) unless ``cross`` (a negative
+    control: copies across conv groups cannot fold exactly).
     """
-    with torch.no_grad():
-        for g in groups:
-            if g.name not in distinct:
-                continue
-            n, a, d = g.size, g.align, distinct[g.name]
-            bs, db = n // a, d // a
-            idx = torch.arange(n)
-            src = (idx // bs) * bs + (idx % bs) % db
-            if cross:
-                src = (src + bs) % n
-                src = torch.where(idx < d, idx, src % d)  # keep the first d: d distinct left
-            for name in g.producers + g.channel_ops:
-                m = get_module(model, name)
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None and t.dim() >= 1 and t.shape[0] == n:
-                        t.copy_(t[src])
-            for c in g.consumers:
-                w = get_module(model, c.module).weight
-                out = w.shape[0]
-                if c.groups > 1:
-                    v = w.view(c.groups, out // c.groups, n // c.groups, -1)
-                    per = n // c.groups
-                    for j in range(c.groups):
-                        local = src[j * per : (j + 1) * per] - j * per
-                        if bool(((local < 0) | (local >= per)).any()):
-                            continue  # a cross-group copy has no column to copy from
-                        v[j].copy_(v[j][:, local])
-                    continue
-                v = w.view(out, w.shape[1], -1)
-                lo = c.offset * c.repeat
-                seg = v[:, lo : lo + n * c.repeat].view(out, n, c.repeat, -1)
-                seg.copy_(seg[:, src])
+    for g in groups:
+        if g.name not in distinct:
+            continue
+        n, a, d = g.size, g.align, distinct[g.name]
+        bs, db = n // a, d // a
+        idx = torch.arange(n)
+        src = (idx // bs) * bs + (idx % bs) % db
+        if cross:
+            src = (src + bs) % n
+            src = torch.where(idx < d, idx, src % d)  # keep the first d: d distinct left
+        copy_channels(model, g, src)
 
 
 def fold_planted(model: nn.Module, x: torch.Tensor, seed: int = 0, cross: bool = False):
@@ -570,3 +547,22 @@ def test_real_efficientnet_lite0_folds_through_its_functional_convs():
     with torch.no_grad():
         out = model(x)
     assert out.shape == ref.shape and bool(torch.isfinite(out).all())
+
+
+def test_copy_channels_makes_exact_twins_and_refuses_bad_sources():
+    model = FireNet().double()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    g = next(g for g in netfold.find_groups(model, x) if g.name == "f1.e1")
+    with pytest.raises(ValueError, match="src must hold 12 channel indices"):
+        copy_channels(model, g, torch.arange(11))
+    with pytest.raises(ValueError, match="src must hold"):
+        copy_channels(model, g, torch.full((12,), 12))
+    src = torch.arange(12) // 2
+    w0, c0 = model.f1.e1.weight.detach().clone(), model.f2.squeeze.weight.detach().clone()
+    copy_channels(model, g, src)
+    # every channel takes its source's ORIGINAL row; the consumer (f2.squeeze reads f1.e1 at
+    # column offset 0) takes the source's columns
+    assert torch.equal(model.f1.e1.weight, w0[src])
+    c = model.f2.squeeze.weight
+    assert torch.equal(c[:, :12], c0[:, src]) and torch.equal(c[:, 12:], c0[:, 12:])
+    assert not torch.equal(model.f1.e1.weight, w0)  # negative control: something changed

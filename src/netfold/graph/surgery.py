@@ -105,6 +105,52 @@ def consumer_columns(w: torch.Tensor, group: ChannelGroup, cons: Consumer) -> to
     return cols.reshape(out, n, cons.repeat, rest).permute(1, 0, 2, 3).reshape(n, -1)
 
 
+def copy_channels(model: nn.Module, group: ChannelGroup, src: torch.Tensor) -> None:
+    """Make channel i of ``group`` a copy of channel ``src[i]`` in every tensor it indexes.
+
+    Producer rows and per-channel tensors (channel ops, per-channel parameters) and the
+    consumer columns are copied, so channels with the same source are exact duplicates that
+    folding merges without error (tests and benchmarks plant them this way). A grouped-conv
+    consumer reads only its own conv group's channels: a source in another conv group has no
+    column there, and that column is left as it is.
+
+    Args:
+        model: the model owning the group's modules; changed in place.
+        group: the channel group (n = ``group.size`` channels).
+        src: (n,) source channel of every channel.
+
+    Raises:
+        ValueError: ``src`` is not n indices in [0, n).
+    """
+    n = group.size
+    src = torch.as_tensor(src, dtype=torch.long)
+    if src.shape != (n,) or bool(((src < 0) | (src >= n)).any()):
+        raise ValueError(f"src must hold {n} channel indices in [0, {n}), got {tuple(src.shape)}")
+    with torch.no_grad():
+        for name in group.producers + group.channel_ops:
+            m = get_module(model, name)
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None and t.dim() >= 1 and t.shape[0] == n:
+                    t.copy_(t[src])
+        for cp in group.channel_params:
+            t = getattr(get_module(model, cp.module), cp.tensor)
+            t.copy_(t.index_select(cp.axis, src))
+        for c in group.consumers:
+            w = get_module(model, c.module).weight
+            out = w.shape[0]
+            if c.groups > 1:
+                per = n // c.groups
+                v = w.view(c.groups, out // c.groups, per, -1)
+                for j in range(c.groups):
+                    local = src[j * per : (j + 1) * per] - j * per
+                    inside = (local >= 0) & (local < per)
+                    v[j][:, torch.arange(per)[inside]] = v[j][:, local[inside]]
+                continue
+            lo = c.offset * c.repeat
+            seg = w.view(out, w.shape[1], -1)[:, lo : lo + n * c.repeat].view(out, n, c.repeat, -1)
+            seg.copy_(seg[:, src])
+
+
 class Snapshot:
     """References to the tensors and width attributes of some modules, for exact rollback."""
 
