@@ -146,19 +146,8 @@ def test_recorded_edits_still_replay(tmp_path):
 
 
 def _hf_dir(tmp_path: Path, marker: Path, **cfg_extra) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=1,
-        vocab_size=32,
-    )
     d = tmp_path / "hf"
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    _llama().save_pretrained(d)
     c = json.loads((d / "config.json").read_text())
     c.update(cfg_extra)
     (d / "config.json").write_text(json.dumps(c))
@@ -235,18 +224,7 @@ def test_load_refuses_nan_even_with_matching_checksum(tmp_path):
 
 
 def test_hf_checksums_and_nan(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=1,
-        vocab_size=32,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = _llama()
     d = io.save(model, tmp_path / "hf", metadata={"note": 1})
     assert json.loads((d / "netfold_metadata.json").read_text()) == {"note": 1}
     assert set(json.loads((d / "netfold_checksums.json").read_text())["sha256"]) == {

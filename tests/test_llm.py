@@ -617,22 +617,32 @@ def test_gqa_planted_duplicates_keep_several_heads_per_kv_group(
     assert (logits(wrong, X) - ref).abs().max() > 1e-2
 
 
+MLP0 = "model.layers.0.mlp."
+
+
+def _tiny_mlp_group():
+    """A float64 tiny Llama and the hand-built channel group of its first MLP (48 channels)."""
+    from netfold.graph.groups import ChannelGroup, Consumer
+
+    p = MLP0
+    group = ChannelGroup(
+        name=p + "gate_proj",
+        size=48,
+        producers=[p + "gate_proj", p + "up_proj"],
+        consumers=[Consumer(p + "down_proj")],
+    )
+    return tiny("llama").double(), group
+
+
 # ------------------------------------------------------------- SwiGLU merge: float64 reference
 @pytest.mark.parametrize("correction", ["none", "scale"])
 def test_merge_mlp_matches_float64_reference(correction):
     """gate/up rows -> cluster mean (with "scale": times the members' mean squared norm over
     the mean row's, square-rooted, clamped to [1, sqrt(N)]), down columns -> cluster sum."""
     from netfold.fold.llm import merge_mlp, prune_mlp
-    from netfold.graph.groups import ChannelGroup, Consumer
 
-    model = tiny("llama").double()
-    p = "model.layers.0.mlp."
-    g = ChannelGroup(
-        name=p + "gate_proj",
-        size=48,
-        producers=[p + "gate_proj", p + "up_proj"],
-        consumers=[Consumer(p + "down_proj")],
-    )
+    model, g = _tiny_mlp_group()
+    p = MLP0
     mlp = model.model.layers[0].mlp
     gb = torch.nn.Parameter(torch.randn(48, dtype=torch.float64))  # mlp_bias-style models
     ub = torch.nn.Parameter(torch.randn(48, dtype=torch.float64))
@@ -687,16 +697,9 @@ def test_merge_mlp_lsq_and_ridge_refit_match_float64_reference():
     lam = ridge * mean diag(C_mm) (float64: rtol 1e-9). Every <h_c, h_c> lies in (1e-10, 1),
     so the code's small-value guards (1e-20, 1e-30) must not bite."""
     from netfold.fold.llm import merge_mlp
-    from netfold.graph.groups import ChannelGroup, Consumer
 
-    model = tiny("llama").double()
-    p = "model.layers.0.mlp."
-    g = ChannelGroup(
-        name=p + "gate_proj",
-        size=48,
-        producers=[p + "gate_proj", p + "up_proj"],
-        consumers=[Consumer(p + "down_proj")],
-    )
+    model, g = _tiny_mlp_group()
+    p = MLP0
     mlp = model.model.layers[0].mlp
     G, Up, D = (
         w.detach() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
