@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from netfold.atomic import write_json
+from netfold.bench.models import load_model
 from netfold.eval.cost import count_flops, count_params
 from netfold.eval.latency import format_latency_table, machine_info
 from netfold.fuse.bench import benchmark_paths, parse_path, path_label
-from netfold.fuse.cli_handlers import load_model
 
 BASE_PATHS = ["eager", "fused", "fusednhwc", "compile", "fused_compile", "ort", "fused_ort"]
 # "folded": FoldConfig(ratio=0.3, round_to=16); "foldedexact": the same with round_to=1

@@ -136,7 +136,7 @@ def smollm2_and_eval_ids(threads: int):
     import transformers
 
     from netfold.data.text import load_text
-    from netfold.families.llama import load_smollm2
+    from netfold.hub import load_smollm2
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     from netfold.data.text import calibration_windows, load_text
     from netfold.eval.cost import count_params
     from netfold.eval.latency import machine_info
-    from netfold.families.llama import embedding_params, load_smollm2, self_generated_ids
+    from netfold.families.llama import embedding_params, self_generated_ids
+    from netfold.hub import load_smollm2
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

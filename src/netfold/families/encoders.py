@@ -46,7 +46,6 @@ __all__ = [
     "MLP_LAYOUTS",
     "SUPPORTED_MODEL_TYPES",
     "AttentionBlock",
-    "build_hf",
     "encoder_groups",
     "find_attention",
     "fold_encoder",
@@ -165,27 +164,16 @@ def encoder_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
-def build_hf(model_class: str, config: dict[str, Any]) -> nn.Module:
-    """Build a Hugging Face model with random weights from its class name and config dict.
-
-    The architecture spec :func:`mark_hf` records (``netfold.load`` calls this, then replays
-    structural edits and loads the saved weights).
-    """
-    import transformers
-
-    cls = getattr(transformers, model_class, None)
-    if cls is None:
-        raise ValueError(f"transformers has no model class {model_class!r}")
-    cfg = transformers.AutoConfig.for_model(**config)
-    return cls(cfg).eval()
-
-
 def mark_hf(model: nn.Module) -> nn.Module:
     """Record ``model``'s Hugging Face class and config so :func:`netfold.save` can save it.
+
+    The spec names :data:`netfold.registry.HF_ENCODER`, built by
+    :func:`netfold.hub.build_hf_encoder` on load.
 
     A no-op for models that already carry an architecture spec or have no HF config.
     """
     from ..io import ARCH_ATTR, set_arch
+    from ..registry import HF_ENCODER
 
     cfg = getattr(model, "config", None)
     if getattr(model, ARCH_ATTR, None) is not None or not hasattr(cfg, "to_json_string"):
@@ -195,7 +183,7 @@ def mark_hf(model: nn.Module) -> nn.Module:
     d.pop("architectures", None)
     return set_arch(
         model,
-        "netfold.families.encoders:build_hf",
+        HF_ENCODER,
         {"model_class": type(model).__name__, "config": d},
     )
 
