@@ -40,9 +40,7 @@ from ..fold.decoder import (  # noqa: F401 - re-exported: callers import them fr
     DecoderHooks,
     embedding_params,
     feature_kind,
-    group_params,
     group_ratio,
-    params_with,
     self_generated_ids,
     width_at,
 )
