@@ -8,7 +8,7 @@ driven by file contents. Known names:
 - ``"netfold:<name>"``: a model of :data:`netfold.models.MODELS`;
 - ``"torchvision:<name>"``: a builder that ``torchvision.models.list_models()`` lists (random
   weights: ``weights`` / ``pretrained`` kwargs are refused, they would download and unpickle);
-- ``"netfold.families.encoders:build_hf"`` (the name older saves carry): a Hugging Face encoder
+- ``"netfold.families.encoders:build_hf"`` (the name encoder saves carry): a Hugging Face encoder
   rebuilt from its class name and config (the class must be a ``transformers``
   ``PreTrainedModel``, no ``auto_map``); the builder lives with the loader
   (:func:`netfold.hub.build_hf_encoder`), which registers it with :func:`register_builtin`;
