@@ -87,6 +87,9 @@ def train_pair_models(
     ]
 
 
+_ENDPOINTS: dict[str, torch.Tensor] = {}  # checkpoint path -> test logits (pairs share models)
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """``(N, n_out)`` float32 logits of ``model`` (eval mode) on ``x`` ``(N, 1, 32, 32)``."""
@@ -134,10 +137,16 @@ def run_pair(
     outputs = "concat" if setting == "split" else "average"
     rows: dict[str, Any] = {}
     t = time.perf_counter()
-    za, zb = logits_of(a, x), logits_of(b, x)
+    for m, info in ((a, ia), (b, ib)):
+        if info["path"] not in _ENDPOINTS:
+            _ENDPOINTS[info["path"]] = logits_of(m, x)
+    za, zb = _ENDPOINTS[ia["path"]], _ENDPOINTS[ib["path"]]
     eval_s = (time.perf_counter() - t) / 2
     for i, z in enumerate((za, zb)):
-        rows[f"model_{'ab'[i]}"] = scores(endpoint_logits(z, i, setting), y, setting)
+        sc = scores(endpoint_logits(z, i, setting), y, setting)
+        if setting == "split":  # an endpoint only has a head for its own task
+            sc = {k: v for k, v in sc.items() if k in ("acc", f"task_{'ab'[i]}")}
+        rows[f"model_{'ab'[i]}"] = sc
     ens = (za + zb) / 2 if setting == "same" else torch.cat([za, zb], 1)
     rows["ensemble"] = scores(ens, y, setting)
     di = DeepInversionConfig(batch_size=args.dir_batch, steps=args.dir_steps, seed=0)
@@ -207,6 +216,57 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _cell(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Markdown tables (accuracy in %, mean ± sample std over the pairs) from a results dict."""
+    summary = results["summary"]
+    lines = []
+    for setting, metric, title in (
+        ("same", "acc", "same task: test accuracy"),
+        ("split", "acc", "separate tasks (5+5): joint 10-way accuracy"),
+        ("split", "task_avg", "separate tasks (5+5): mean per-task accuracy (each head, 5-way)"),
+    ):
+        archs = [a for a in summary if setting in summary[a]]
+        if not archs:
+            continue
+        n = {a: summary[a][setting]["ensemble"]["acc"]["n"] for a in archs}
+        lines += [
+            f"**{title}** (% , mean ± std over {', '.join(f'{n[a]} {a}' for a in archs)} pairs)",
+            "",
+            "| repair | model | WM | ZipIt! | fold | average | fold w0.5 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for repair in ("data", "dir"):
+            for a in archs:
+                rows = summary[a][setting]
+                cells = [
+                    _cell(rows.get(f"{m}/{repair}", {}).get(metric))
+                    for m in (*METHODS, "fold-w0.5")
+                ]
+                label = "REPAIR (data)" if repair == "data" else "DIR (data-free)"
+                lines.append(f"| {label} | {a} | " + " | ".join(cells) + " |")
+        head = "| model | endpoint A | endpoint B | ensemble |"
+        if metric == "task_avg":
+            head = "| model | A on task A | B on task B | ensemble |"
+        lines += ["", head, "|---|---|---|---|"]
+        for a in archs:
+            rows = summary[a][setting]
+            ends = ("task_a", "task_b") if metric == "task_avg" else (metric, metric)
+            cells = [
+                _cell(rows["model_a"].get(ends[0])),
+                _cell(rows["model_b"].get(ends[1])),
+                _cell(rows["ensemble"].get(metric)),
+            ]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     """Bar chart of the mean accuracy (error bars: min..max over pairs) per arch and setting."""
     import matplotlib
@@ -238,7 +298,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"{arch}, {setting} task{'s (joint acc.)' if setting == 'split' else ''}")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("Fashion-MNIST test accuracy (mean, min..max over 3 pairs)")
+    axes[0][0].set_ylabel("test accuracy (mean; bars: min..max over pairs)")
     fig.suptitle("Merging two models: REPAIR (plain) vs Deep-Inversion repair (hatched)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -253,14 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-subset", type=int, default=5000, help="0: all 10,000 test images")
     ap.add_argument("--calib", type=int, default=512, help="training images for REPAIR/ZipIt!")
     ap.add_argument("--dir-batch", type=int, default=64, help="Deep-Inversion images per pair")
-    ap.add_argument("--dir-steps", type=int, default=200, help="Deep-Inversion Adam steps")
+    ap.add_argument("--dir-steps", type=int, default=100, help="Deep-Inversion Adam steps")
     ap.add_argument("--n-init", type=int, default=3, help="k-means restarts (fold)")
     ap.add_argument("--max-passes", type=int, default=5, help="coordinate-descent passes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/merge_fmnist.json")
     ap.add_argument("--plot", default=None, help="also draw the results to this PNG")
     ap.add_argument("--combine", nargs="+", default=None, help="merge these result files")
+    ap.add_argument("--table", default=None, help="print the markdown tables of this results file")
     args = ap.parse_args(argv)
+    if args.table:
+        print(tables(json.loads(Path(args.table).read_text())))
+        return 0
     command = "PYTHONPATH=src .venv/bin/python " + " ".join(
         ["benchmarks/merge_fmnist.py", *sys.argv[1:]]
     )
