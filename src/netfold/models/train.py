@@ -7,6 +7,11 @@ the checkpoint cache; later calls with the same settings load it in a second. Se
 than the model's :data:`PRESETS` get a file name with a short hash of the settings appended, so
 they never overwrite the reference checkpoints.
 
+``classes=[0, 1, 2, 3, 4]`` trains on those labels only, with a ``len(classes)``-output head
+(logit ``i`` = label ``classes[i]``), the separate-head setup of ZipIt!'s disjoint-task
+experiments (benchmarks/merge_fmnist.py); the label set is part of the checkpoint key and the
+recorded test accuracy is on the test images of those classes.
+
 Checkpoints live OUTSIDE git, in ``cache_dir``, else ``$NETFOLD_CACHE``, else
 ``~/.cache/netfold/checkpoints``. Writes are atomic (temporary file, then ``os.replace``) and
 concurrent callers of the same checkpoint serialise on a lock file, so a reader never sees a
