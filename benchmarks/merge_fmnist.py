@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=sorted(ARCHS))
     ap.add_argument("--setting", nargs="+", default=["same", "split"], choices=["same", "split"])
     ap.add_argument("--pairs", type=int, default=3, help="pairs per setting (at most 3)")
+    ap.add_argument(
+        "--pair-index", type=int, nargs="+", default=None, help="run only these pairs (0, 1, 2)"
+    )
     ap.add_argument("--test-subset", type=int, default=5000, help="0: all 10,000 test images")
     ap.add_argument("--calib", type=int, default=512, help="training images for REPAIR/ZipIt!")
     ap.add_argument("--dir-batch", type=int, default=64, help="Deep-Inversion images per pair")
@@ -331,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.combine:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
-        runs = [r for p in parts for r in p["runs"]]
+        runs, seen = [], set()
+        for r in (r for p in parts for r in p["runs"]):  # a pair run twice: the first counts
+            key = (r["arch"], r["setting"], tuple(r["pair"]))
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
         results = {
             **{k: v for k, v in parts[0].items() if k not in ("runs", "summary")},
             "combined_from": {p: part["command"] for p, part in zip(args.combine, parts)},
@@ -382,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch:
         for setting in args.setting:
             pairs = SAME_PAIRS if setting == "same" else SPLIT_PAIRS
-            for pair in pairs[: args.pairs]:
+            for i, pair in enumerate(pairs[: args.pairs]):
                 if (arch, setting, tuple(pair)) in done:
+                    continue
+                if args.pair_index is not None and i not in args.pair_index:
                     continue
                 tp = time.perf_counter()
                 run = run_pair(arch, setting, pair, x, y, calib, args)
