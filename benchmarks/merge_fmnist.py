@@ -264,6 +264,34 @@ def tables(results: dict[str, Any]) -> str:
             ]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += [
+        "**trained models** (test accuracy on the test images of the model's classes; one "
+        "torch thread on the shared machine)",
+        "",
+        "| model | classes | seed | steps | train s | test acc. |",
+        "|---|---|---|---|---|---|",
+    ]
+    seen = {}
+    for r in results["runs"]:
+        for m, seed in zip(r["models"], r["pair"]):
+            seen.setdefault(m["path"], (r["arch"], m, seed))
+    for arch, m, seed in sorted(seen.values(), key=lambda t: (t[0], str(t[1]["classes"]), t[2])):
+        cls = "all" if m["classes"] is None else f"{m['classes'][0]}-{m['classes'][-1]}"
+        lines.append(
+            f"| {arch} | {cls} | {seed} | {m['steps']} | {m['train_time_s']:.0f} | "
+            f"{100 * m['test_accuracy']:.2f} |"
+        )
+    lines += ["", "**merge seconds** (mean over pairs; wall time on the shared machine)", ""]
+    lines += ["| model | setting | " + " | ".join(r[0] for r in ROWS) + " | DIR batch |"]
+    lines += ["|---|---|" + "---|" * (len(ROWS) + 1)]
+    for arch in summary:
+        for setting in summary[arch]:
+            rs = [r for r in results["runs"] if r["arch"] == arch and r["setting"] == setting]
+            cells = [
+                f"{statistics.fmean(r['rows'][row]['merge_s'] for r in rs):.0f}" for row, *_ in ROWS
+            ]
+            dir_s = statistics.fmean(r["dir_synthesis_s"] for r in rs)
+            lines.append(f"| {arch} | {setting} | " + " | ".join(cells) + f" | {dir_s:.0f} |")
     return "\n".join(lines)
 
 
