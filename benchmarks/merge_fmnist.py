@@ -304,8 +304,10 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     summary = results["summary"]
     panels = [(a, s) for a in summary for s in ("same", "split") if s in summary[a]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (arch, setting) in zip(axes[0], panels):
+    ncol = 2 if len(panels) > 1 else 1
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 4.6 * nrow), squeeze=False)
+    for ax, (arch, setting) in zip(axes.flat, panels):
         rows = summary[arch][setting]
         names = ["model_a", "model_b", "ensemble"] + [r[0] for r in ROWS if r[0] in rows]
         names = [n for n in names if n in rows]
@@ -326,7 +328,8 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"{arch}, {setting} task{'s (joint acc.)' if setting == 'split' else ''}")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean; bars: min..max over pairs)")
+    for row in axes:
+        row[0].set_ylabel("test accuracy (mean; bars: min..max over pairs)")
     fig.suptitle("Merging two models: REPAIR (plain) vs Deep-Inversion repair (hatched)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
