@@ -1,14 +1,14 @@
 """Model merging on Fashion-MNIST: the shape of the model-folding paper's Tables 1-2.
 
-Run (each architecture in its own process; a finished pair is never redone, see --resume):
+Run (one process per architecture and setting; ``--pair-index 2`` in a second process runs the
+third pair in parallel; a pair already in ``--out`` with the same settings is not redone):
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/merge_fmnist.py \
-        --arch vgg11_bn_cifar --out benchmarks/results/merge_fmnist_vgg11_bn_cifar.json
-    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/merge_fmnist.py \
-        --arch resnet18_cifar --out benchmarks/results/merge_fmnist_resnet18_cifar.json
-    PYTHONPATH=src .venv/bin/python benchmarks/merge_fmnist.py --combine \
-        benchmarks/results/merge_fmnist_vgg11_bn_cifar.json \
-        benchmarks/results/merge_fmnist_resnet18_cifar.json \
+        --arch vgg11_bn_cifar --setting same --out /tmp/merge_vgg11_bn_cifar_same.json
+    ... likewise for resnet18_cifar and --setting split, then
+    PYTHONPATH=src .venv/bin/python benchmarks/merge_fmnist.py --combine /tmp/merge_*.json \
         --out benchmarks/results/merge_fmnist.json --plot benchmarks/results/merge_fmnist.png
+    PYTHONPATH=src .venv/bin/python benchmarks/merge_fmnist.py \
+        --table benchmarks/results/merge_fmnist.json
 
 Two settings per architecture, three model pairs each:
 
@@ -33,7 +33,7 @@ synthetic batch), plus "fold-merge and compress": two models into one of half on
 Models are trained (or reused from the checkpoint cache) with the settings in ``ARCHS``; they
 were reduced from the training presets to fit the shared 2-core CPU (see docs/merge.md).
 Accuracies are measured on a fixed, seeded subset of the Fashion-MNIST test split
-(--test-subset, default 5,000 of 10,000 images; 0 = all).
+(--test-subset, default 2,000 of 10,000 images; 0 = all).
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pair-index", type=int, nargs="+", default=None, help="run only these pairs (0, 1, 2)"
     )
-    ap.add_argument("--test-subset", type=int, default=5000, help="0: all 10,000 test images")
+    ap.add_argument("--test-subset", type=int, default=2000, help="0: all 10,000 test images")
     ap.add_argument("--calib", type=int, default=512, help="training images for REPAIR/ZipIt!")
     ap.add_argument("--dir-batch", type=int, default=64, help="Deep-Inversion images per pair")
     ap.add_argument("--dir-steps", type=int, default=100, help="Deep-Inversion Adam steps")
