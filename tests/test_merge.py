@@ -21,8 +21,10 @@ import torch.nn.functional as F
 import netfold
 import netfold.cli as cli
 from netfold import MergeConfig, merge
+from netfold.fold.deep_inversion import synthesize
 from netfold.graph.trace import find_groups
 from netfold.io import build
+from netfold.merge import synthesize_merge_batch
 from netfold.merge.matching import lap_labels, zipit_labels
 from netfold.models import MODELS
 
@@ -467,7 +469,7 @@ def test_repair_dir_needs_batchnorm():
 
 def test_config_json_round_trip():
     cfg = MergeConfig(
-        method="zipit", repair="dir", width=1.5, seed=4, zip_layers=2,
+        method="zipit", repair="dir", width=1.5, seed=4, zip_layers=2, outputs="concat",
         deep_inversion=netfold.DeepInversionConfig(steps=3),
     )  # fmt: skip
     assert MergeConfig.from_json(cfg.to_json()) == cfg
@@ -515,3 +517,99 @@ def test_cli_merge_errors(saved_pair, tmp_path, capsys):
         assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
     assert cli.main(["merge", a, b, "--method", "nope"]) == 2
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------- separate heads
+def other_head(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with only its output layer re-drawn: same trunk, a head for another task."""
+    out = copy.deepcopy(model)
+    head = [m for m in out.modules() if isinstance(m, nn.Linear)][-1]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g, dtype=head.weight.dtype))
+        head.bias.copy_(torch.randn(head.bias.shape, generator=g, dtype=head.bias.dtype))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cnn", "res", "mlp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_concat_outputs_of_one_trunk_are_both_heads_exactly(kind, method):
+    a, x = make(kind, 0)
+    b = other_head(a, seed=5)
+    if method != "average":
+        b = permuted_copy(b, x, seed=7)  # the trunk must be re-aligned, not just averaged
+    before = snapshot([a, b])
+    merged, report = merge([a, b], MergeConfig(method=method, outputs="concat"), example_inputs=x)
+    assert_unchanged([a, b], before)
+    with torch.no_grad():
+        ya, yb, y = a(x), b(x), merged(x)
+    n = ya.shape[1]
+    assert y.shape == (x.shape[0], 2 * n) and report.extra["outputs"] == "concat"
+    assert max_err(y[:, :n], ya) < 1e-10  # measured ~1e-15
+    assert max_err(y[:, n:], yb) < 1e-10
+    # Negative control: averaged outputs mix the two heads.
+    avg, _ = merge([a, b], MergeConfig(method=method), example_inputs=x)
+    with torch.no_grad():
+        assert avg(x).shape == ya.shape and max_err(avg(x), ya) > 1e-2
+
+
+def test_concat_outputs_with_repair_data_on_one_trunk_stays_exact():
+    # An MLP (no BatchNorm): REPAIR gives merged producers an affine correction; with one shared
+    # trunk every correction is the identity and the concatenated heads stay exact.
+    a, x = make("mlp", 0)
+    b = other_head(a, seed=3)
+    data = torch.randn(64, *x.shape[1:], dtype=x.dtype, generator=torch.Generator().manual_seed(9))
+    cfg = MergeConfig(method="fold", repair="data", outputs="concat")
+    merged, _ = merge([a, b], cfg, example_inputs=x, data=data)
+    with torch.no_grad():
+        y = merged(x)
+        assert max_err(y, torch.cat([a(x), b(x)], 1)) < 1e-8  # measured ~1e-14
+
+
+def test_concat_outputs_refuses_a_normalised_output():
+    torch.manual_seed(0)
+    m = (
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4), nn.BatchNorm1d(4))
+        .double()
+        .eval()
+    )
+    other = copy.deepcopy(m)
+    before = snapshot([m, other])
+    with pytest.raises(ValueError, match="outputs='concat' needs every model output"):
+        merge([m, other], MergeConfig(outputs="concat"), example_inputs=X_MLP)
+    assert_unchanged([m, other], before)
+    with pytest.raises(ValueError, match="unknown outputs"):
+        MergeConfig(outputs="stack")
+
+
+def test_dir_batch_takes_an_equal_share_from_each_model():
+    a, x = make("cnn", 0)
+    b, _ = make("cnn", 1)
+    di = netfold.DeepInversionConfig(batch_size=7, steps=2, seed=3)
+    batch = synthesize_merge_batch([a, b], tuple(x.shape[1:]), di)
+    assert batch.shape == (7, *x.shape[1:])
+    part_a = synthesize(
+        a, tuple(x.shape[1:]), netfold.DeepInversionConfig(batch_size=4, steps=2, seed=3)
+    )
+    part_b = synthesize(
+        b, tuple(x.shape[1:]), netfold.DeepInversionConfig(batch_size=3, steps=2, seed=4)
+    )
+    torch.testing.assert_close(batch, torch.cat([part_a, part_b]), atol=0, rtol=0)
+    # Negative control: a batch from the first model alone differs.
+    only_a = synthesize(
+        a, tuple(x.shape[1:]), netfold.DeepInversionConfig(batch_size=7, steps=2, seed=3)
+    )
+    assert max_err(batch[4:], only_a[4:]) > 1e-3
+    # repair="dir" is REPAIR on that batch.
+    cfg = MergeConfig(repair="dir", deep_inversion=di)
+    by_dir, _ = merge([a, b], cfg, example_inputs=x)
+    by_data, _ = merge([a, b], MergeConfig(repair="data"), example_inputs=x, data=batch)
+    for (k, v), (k2, v2) in zip(by_dir.state_dict().items(), by_data.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(v, v2, atol=0, rtol=0, msg=k)
+    with pytest.raises(ValueError, match="at least 2 inputs per model"):
+        merge(
+            [a, b],
+            MergeConfig(repair="dir", deep_inversion=netfold.DeepInversionConfig(batch_size=3)),
+            example_inputs=x,
+        )

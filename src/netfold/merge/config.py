@@ -10,6 +10,7 @@ from ..config import DeepInversionConfig, _JSONMixin
 
 MERGE_METHODS = ("fold", "weight-matching", "zipit", "average")
 MERGE_REPAIRS = ("none", "data", "dir")
+MERGE_OUTPUTS = ("average", "concat")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class MergeConfig(_JSONMixin):
             models' channels, within-model pairs allowed) or "average" (plain weight averaging).
         repair: "none", "data" (REPAIR: BatchNorm statistics re-estimated and producers
             without BatchNorm given an affine correction on ``data``) or "dir" (the same on a
-            Deep-Inversion batch synthesised from the first model; needs BatchNorm).
+            Deep-Inversion batch synthesised from the models, an equal share from each;
+            needs BatchNorm).
         width: merged width of every foldable group as a multiple of ONE model's width: 1.0
             keeps the architecture, 0.5 merges and compresses, up to the number of models
             (every channel kept: the models side by side). "weight-matching" and "average"
@@ -36,6 +38,11 @@ class MergeConfig(_JSONMixin):
             re-solves every group with the others' current alignment; stops early when no
             group changes).
         n_init / max_iter: k-means restarts and Lloyd iterations per group ("fold").
+        outputs: "average" (the models' outputs, e.g. class logits, averaged: models trained on
+            one task) or "concat" (the layers writing the model output are kept apart and
+            stacked: the merged trunk feeds every model's own head and the merged model returns
+            the M models' outputs concatenated, (N, M * n_out); models trained on disjoint
+            label sets, as in ZipIt!).
         deep_inversion: synthesis settings for ``repair="dir"``.
     """
 
@@ -47,6 +54,7 @@ class MergeConfig(_JSONMixin):
     max_passes: int = 10
     n_init: int = 10
     max_iter: int = 30
+    outputs: str = "average"
     deep_inversion: DeepInversionConfig = field(default_factory=DeepInversionConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +62,8 @@ class MergeConfig(_JSONMixin):
             raise ValueError(f"unknown method {self.method!r}; choose from {MERGE_METHODS}")
         if self.repair not in MERGE_REPAIRS:
             raise ValueError(f"unknown repair {self.repair!r}; choose from {MERGE_REPAIRS}")
+        if self.outputs not in MERGE_OUTPUTS:
+            raise ValueError(f"unknown outputs {self.outputs!r}; choose from {MERGE_OUTPUTS}")
         w = self.width
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise ValueError(f"width must be a finite number > 0, got {w!r}")

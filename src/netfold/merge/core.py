@@ -28,6 +28,7 @@ alignment until no group changes (at most ``max_passes`` passes), as weight matc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import DeepInversionConfig
 from ..eval.cost import count_params
 from ..fold.deep_inversion import synthesize
 from ..fold.repair import collect_inputs, producer_stats, repair_with_batch
@@ -58,11 +60,14 @@ class Alignment:
         k: merged width.
         identity: channel i of every model stays channel i (frozen or unsupported groups, and
             every group of ``method="average"``): nothing is re-indexed, tensors are averaged.
+        kept_apart: every model's channels are kept side by side (no merged channel holds two
+            models' channels), so tensors these channels index cannot be compared across models.
     """
 
     labels: torch.Tensor
     k: int
     identity: bool = False
+    kept_apart: bool = False
 
     @classmethod
     def same(cls, M: int, n: int) -> Alignment:
@@ -71,7 +76,7 @@ class Alignment:
     @classmethod
     def apart(cls, M: int, n: int) -> Alignment:
         """Every model's channels kept side by side: model m's channel i is m * n + i."""
-        return cls(torch.arange(M * n).reshape(M, n), M * n)
+        return cls(torch.arange(M * n).reshape(M, n), M * n, kept_apart=True)
 
     def U(self, m: int) -> torch.Tensor:
         """One-hot membership of model m's channels (n, k), float64."""
@@ -292,6 +297,8 @@ def _features(
             h = lay.producer_group.get(cons.module)
             if h is not None and not ready(h):
                 continue  # its rows are still in each model's own order
+            if h is not None and aligns[h.name].kept_apart:
+                continue  # rows kept apart per model (separate heads): nothing to compare
             if h is not None and not aligns[h.name].identity:
                 w = _rows(M * aligns[h.name].P(m), w)
             cols.append(consumer_columns(w, g, cons))
@@ -428,6 +435,68 @@ def _align(
     return passes, costs
 
 
+# ----------------------------------------------------------------------------- repair data
+def synthesize_merge_batch(
+    models: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    config: DeepInversionConfig | None = None,
+    *,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The Deep-Inversion batch of ``repair="dir"``: an equal share synthesised from each model.
+
+    Model m contributes ``batch_size // M`` images (the first ``batch_size % M`` models one
+    more), synthesised against its own BatchNorm statistics with seed ``config.seed + m``, so
+    models trained on different data (disjoint label sets) are all represented. Merging with
+    ``repair="data", data=synthesize_merge_batch(...)`` repairs exactly as ``repair="dir"``
+    does, which lets one batch serve several merges of the same models.
+
+    Args:
+        models: the M models to be merged (not modified).
+        input_shape: one input's shape, e.g. ``(C, H, W)``.
+        config: synthesis settings (``batch_size`` is the total over all models).
+        progress: show a progress bar per model.
+
+    Returns:
+        ``(batch_size, *input_shape)`` synthetic inputs, model 0's share first.
+
+    Raises:
+        ValueError: ``batch_size`` below 2 per model, or a model without BatchNorm.
+    """
+    config = config or DeepInversionConfig()
+    M = len(models)
+    if config.batch_size < 2 * M:
+        raise ValueError(
+            f"deep_inversion.batch_size must be at least 2 per model ({2 * M} for {M} models), "
+            f"got {config.batch_size}"
+        )
+    shares = [config.batch_size // M + (1 if m < config.batch_size % M else 0) for m in range(M)]
+    parts = [
+        synthesize(
+            model,
+            tuple(input_shape),
+            dataclasses.replace(config, batch_size=b, seed=config.seed + m),
+            progress=progress,
+        )
+        for m, (model, b) in enumerate(zip(models, shares))
+    ]
+    return torch.cat(parts, 0)
+
+
+def _output_groups(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """The groups holding the model's outputs, checked to be written by Linear/conv rows only."""
+    out = [g for g in groups if "model output" in g.frozen_reasons]
+    if not out:
+        raise ValueError("outputs='concat': the tracer found no model output channels")
+    for g in out:
+        if not g.producers or g.channel_ops or g.channel_params or g.consumers:
+            raise ValueError(
+                f"outputs='concat' needs every model output written directly by Linear/conv "
+                f"layers; {g.name!r} is also read or normalised inside the model"
+            )
+    return out
+
+
 # ----------------------------------------------------------------------------- entry point
 def _check_batch(data, example: tuple[torch.Tensor, ...]) -> torch.Tensor:
     try:
@@ -475,13 +544,16 @@ def merge(
         (merged model, Report). ``Report.groups`` holds every aligned group with
         ``labels`` = the merged channel of each stacked channel (model 0's n, then model 1's,
         ...); ``Report.extra`` the method, models, passes, features used and the fraction of
-        merged channels holding members of more than one model.
+        merged channels holding members of more than one model. With ``outputs="concat"`` the
+        merged model maps (N, ...) to (N, M * n_out): model m's outputs in columns
+        ``m * n_out ... (m + 1) * n_out - 1``.
 
     Raises:
         TypeError: models / config / example_inputs of the wrong type.
         ValueError: fewer than two models, different architectures or widths (the first
             mismatch named), NaN / inf weights, a width the groups cannot take, missing or
-            unusable ``data``, repair="dir" without BatchNorm. All before anything is built.
+            unusable ``data``, repair="dir" without BatchNorm, outputs="concat" on outputs not
+            written directly by Linear/conv layers. All before anything is built.
     """
     t0 = time.perf_counter()
     if config is None:
@@ -510,9 +582,15 @@ def merge(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()
     ):
         raise ValueError("repair='dir' needs BatchNorm layers (Deep Inversion matches them)")
+    if config.repair == "dir" and config.deep_inversion.batch_size < 2 * M:
+        raise ValueError(
+            f"repair='dir' synthesises at least 2 inputs per model: deep_inversion.batch_size "
+            f"must be >= {2 * M} for {M} models, got {config.deep_inversion.batch_size}"
+        )
     batch = _check_batch(data, example_inputs) if data is not None else None
 
     groups = find_groups(models[0], example_inputs)
+    heads = {g.name for g in _output_groups(groups)} if config.outputs == "concat" else set()
     sig = _signature(groups)
     for i, m in enumerate(models[1:], 1):
         other = _signature(find_groups(m, example_inputs))
@@ -532,7 +610,9 @@ def merge(
     zipped = foldable if config.zip_layers is None else foldable[: config.zip_layers]
     for g in groups:
         why = _supported(g) if g.foldable else None
-        if not g.foldable or config.method == "average" or why:
+        if g.name in heads:
+            aligns[g.name] = Alignment.apart(M, g.size)  # model m's outputs in block m
+        elif not g.foldable or config.method == "average" or why:
             aligns[g.name] = Alignment.same(M, g.size)
             if why:
                 warnings.append(f"{g.name}: {why}; averaged channel by channel")
@@ -564,12 +644,18 @@ def merge(
 
     if config.repair != "none":
         if config.repair == "dir":
-            batch = synthesize(
-                models[0], tuple(example_inputs[0].shape[1:]), config.deep_inversion,
+            batch = synthesize_merge_batch(
+                models, tuple(example_inputs[0].shape[1:]), config.deep_inversion,
                 progress=progress,
             )  # fmt: skip
         targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        free = [(g, p) for g in groups if not aligns[g.name].identity for p in g.producers]
+        # The outputs are never corrected (as when they are averaged): only the hidden layers.
+        free = [
+            (g, p)
+            for g in groups
+            if not aligns[g.name].identity and g.name not in heads
+            for p in g.producers
+        ]
         free = [(g, p) for g, p in free if p not in g.bn_of]
         if free:
             stats = [producer_stats(m, [p for _, p in free], batch) for m in models]
@@ -604,6 +690,7 @@ def merge(
             report.skipped.append((g.name, "; ".join(g.frozen_reasons)))
     report.extra.update(
         method=config.method,
+        outputs=config.outputs,
         models=M,
         passes=passes,
         features=features,

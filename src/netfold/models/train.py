@@ -7,6 +7,11 @@ the checkpoint cache; later calls with the same settings load it in a second. Se
 than the model's :data:`PRESETS` get a file name with a short hash of the settings appended, so
 they never overwrite the reference checkpoints.
 
+``classes=[0, 1, 2, 3, 4]`` trains on those labels only, with a ``len(classes)``-output head
+(logit ``i`` = label ``classes[i]``), the separate-head setup of ZipIt!'s disjoint-task
+experiments (benchmarks/merge_fmnist.py); the label set is part of the checkpoint key and the
+recorded test accuracy is on the test images of those classes.
+
 Checkpoints live OUTSIDE git, in ``cache_dir``, else ``$NETFOLD_CACHE``, else
 ``~/.cache/netfold/checkpoints``. Writes are atomic (temporary file, then ``os.replace``) and
 concurrent callers of the same checkpoint serialise on a lock file, so a reader never sees a
@@ -64,6 +69,7 @@ __all__ = [
     "default_cache_dir",
     "get_trained",
     "load_checkpoint",
+    "select_classes",
     "train_model",
 ]
 
@@ -123,11 +129,48 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "netfold" / "checkpoints"
 
 
+def _check_classes(classes: Any) -> list[int]:
+    """``classes`` as a sorted list of distinct Fashion-MNIST labels (at least two)."""
+    try:
+        out = [int(c) for c in classes]
+    except (TypeError, ValueError):
+        raise ValueError(f"classes must be a sequence of labels in 0..9, got {classes!r}") from None
+    if len(out) < 2 or len(set(out)) != len(out) or any(not 0 <= c <= 9 for c in out):
+        raise ValueError(f"classes must be >= 2 distinct labels in 0..9, got {classes!r}")
+    return sorted(out)
+
+
+def select_classes(
+    images: torch.Tensor, labels: torch.Tensor, classes: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the images of ``classes`` and renumber their labels ``0 .. len(classes) - 1``.
+
+    Label ``classes[i]`` becomes ``i``, so a model trained on the subset has a
+    ``len(classes)``-output head whose logit ``i`` stands for the original label ``classes[i]``.
+
+    Args:
+        images: ``(N, ...)`` inputs.
+        labels: ``(N,)`` integer labels.
+        classes: sorted labels to keep; ``None`` keeps everything unchanged.
+
+    Returns:
+        ``(images[mask], new_labels)`` with ``M <= N`` rows, the original order kept.
+    """
+    if classes is None:
+        return images, labels
+    keep = torch.as_tensor(classes, dtype=labels.dtype)
+    mask = torch.isin(labels, keep)
+    remap = torch.full((max(int(labels.max()), classes[-1]) + 1,), -1, dtype=labels.dtype)
+    remap[keep] = torch.arange(len(classes), dtype=labels.dtype)
+    return images[mask], remap[labels[mask]]
+
+
 def _settings(name: str, seed: int, **overrides: Any) -> dict[str, Any]:
     """The canonical, JSON-serialisable description of one training run."""
     if name not in PRESETS:
         raise KeyError(f"no training preset for {name!r}; known: {sorted(PRESETS)}")
     preset = {**_COMMON, **copy.deepcopy(PRESETS[name])}
+    classes = overrides.pop("classes", None)
     for k, v in overrides.items():
         if v is not None:
             preset[k] = v
@@ -135,7 +178,7 @@ def _settings(name: str, seed: int, **overrides: Any) -> dict[str, Any]:
     model_kwargs.update(preset.pop("model_kwargs"))
     if isinstance(model_kwargs.get("hidden"), tuple):
         model_kwargs["hidden"] = list(model_kwargs["hidden"])
-    return {
+    settings = {
         "arch": name,
         "model_kwargs": model_kwargs,
         "dataset": "fashion-mnist",
@@ -143,6 +186,11 @@ def _settings(name: str, seed: int, **overrides: Any) -> dict[str, Any]:
         "seed": int(seed),
         **preset,
     }
+    if classes is not None:
+        # Only present when set, so the all-class checkpoints keep their settings and file names.
+        settings["classes"] = _check_classes(classes)
+        model_kwargs["num_classes"] = len(settings["classes"])
+    return settings
 
 
 def checkpoint_stem(settings: dict[str, Any]) -> str:
@@ -225,6 +273,7 @@ def train_model(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = load_fashion_mnist("train", data_root, settings["pad_to"])
+    x, y = select_classes(x, y, settings.get("classes"))
     if settings["train_subset"] is not None and settings["train_subset"] < len(y):
         idx = torch.randperm(len(y), generator=gen)[: settings["train_subset"]]
         x, y = x[idx], y[idx]
@@ -342,6 +391,7 @@ def get_trained(
     optimizer: str | None = None,
     train_subset: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    classes: list[int] | tuple[int, ...] | None = None,
     device: torch.device | str | None = None,
     data_root: str | os.PathLike | None = None,
     progress: bool = True,
@@ -364,6 +414,10 @@ def get_trained(
         optimizer: ``"sgd"`` (Nesterov momentum 0.9) or ``"adamw"``.
         train_subset: train on this many seeded-random train images.
         model_kwargs: extra constructor kwargs (merged over the preset's).
+        classes: train on these labels only (e.g. ``[0, 1, 2, 3, 4]``), with a
+            ``len(classes)``-output head whose logit ``i`` is label ``classes[i]`` (the separate
+            heads of ZipIt!'s disjoint-task experiments). Part of the checkpoint key; the
+            recorded ``test_accuracy`` is then on the test images of these classes.
         device: training device; default CUDA when available, else CPU.
         data_root: see :func:`netfold.data.fashion_mnist.load_fashion_mnist`.
         progress: tqdm progress bar while training.
@@ -389,6 +443,8 @@ def get_trained(
         }
     if max_steps is not None:
         overrides["max_steps"] = int(max_steps)
+    if classes is not None:
+        overrides["classes"] = classes
     settings = _settings(name, seed, **overrides)
     directory = default_cache_dir(cache_dir)
     stem = directory / checkpoint_stem(settings)
@@ -417,6 +473,7 @@ def get_trained(
             model, settings, device=dev, data_root=data_root, progress=progress, max_steps=max_steps
         )
         x_test, y_test = load_fashion_mnist("test", data_root, settings["pad_to"])
+        x_test, y_test = select_classes(x_test, y_test, settings.get("classes"))
         te = time.perf_counter()
         acc = evaluate_accuracy(model, x_test, y_test)
         eval_time = time.perf_counter() - te
@@ -433,6 +490,7 @@ def get_trained(
             "model_kwargs": settings["model_kwargs"],
             "num_params": n_params,
             "dataset": "fashion-mnist (train 60k / t10k 10k), zero-padded to 32x32",
+            "classes": settings.get("classes"),
             "test_accuracy": round(acc, 4),
             "epochs": settings["epochs"],
             "settings": settings,
