@@ -248,7 +248,7 @@ def test_random_start_text_is_seeded_and_avoids_special_tokens():
 def test_activation_features_are_used_when_text_is_at_hand():
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(3))
     mlp_only = LLMConfig(fold_attention=False)
-    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, llm=mlp_only))
+    rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, repair="ar", llm=mlp_only))
     assert rep.extra["features"] == "weights"  # nothing to read activations from
     rep = netfold.fold(tiny("llama"), FoldConfig(ratio=0.25, repair="data", llm=mlp_only), data=ids)
     assert rep.extra["features"] == "activations"

@@ -573,9 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repair",
         choices=REPAIRS,
-        default="ar",
-        help="statistics repair after merging (ar: data-free; dir: deep inversion; data: "
-        "calibration data) (default ar)",
+        default="auto",
+        help="statistics repair after merging (auto: the measured best data-free one for the "
+        "model, printed in the report; ar / stats: data-free; dir: deep inversion; data: "
+        "calibration data) (default auto)",
     )
     p.add_argument(
         "--method", choices=METHODS, default="kmeans", help="how channels are grouped or kept"
@@ -611,8 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
-        default="uniform",
-        help="per-group widths: the same ratio everywhere, or by measured folding cost",
+        default="auto",
+        help="per-group widths: the same ratio everywhere, or by measured folding cost "
+        "(auto: cost for decoder LLMs, uniform otherwise)",
     )
     p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")
     p.add_argument(

@@ -250,7 +250,8 @@ def fold_encoder(
 
     Args:
         model: a Hugging Face BERT / ViT model (or timm-style blocks).
-        config: a :class:`netfold.FoldConfig` (default ratio 0.5, repair "ar").
+        config: a :class:`netfold.FoldConfig` (default ratio 0.5, repair "auto", which is
+            :data:`netfold.fold.auto.BN_FREE_REPAIR` here).
         groups: precomputed :func:`encoder_groups`.
         heads / mlp: which kinds of group to fold.
         progress: progress bar over groups.
@@ -266,6 +267,8 @@ def fold_encoder(
 
     from ..config import FoldConfig
     from ..eval.cost import count_params
+    from ..fold.auto import record as record_auto
+    from ..fold.auto import resolve as resolve_auto
     from ..fold.checks import check_finite, check_patterns
     from ..fold.cluster import cluster_with
     from ..fold.merge import group_features, merge_group
@@ -278,6 +281,7 @@ def fold_encoder(
     config = config if config is not None else FoldConfig()
     if not isinstance(config, FoldConfig):
         raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
+    config, why = resolve_auto(model, config, "encoder")
     repair = get_repair(config.repair)
     if repair.needs != "nothing" or not repair.families:
         raise ValueError(f"fold_encoder supports repair 'ar' or 'none', not {config.repair!r}")
@@ -334,5 +338,6 @@ def fold_encoder(
         config=config.to_dict(),
     )
     report.add_groups(groups, widths, costs, labels_of)
+    record_auto(report, config, why)
     report.seconds = time.perf_counter() - t0
     return report

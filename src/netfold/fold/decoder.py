@@ -24,6 +24,7 @@ from ..eval.cost import count_params
 from ..graph.groups import ChannelGroup, HeadGroup
 from ..graph.surgery import get_module
 from ..report import GroupReport, Report
+from . import auto
 from . import llm as L
 from .checks import check_finite, check_patterns
 from .cluster import canonical, cluster_with
@@ -31,6 +32,7 @@ from .magnitude import magnitude_keep
 from .merge import TensorState
 from .plan import MAX_RATIO, bisect_ratio, width_for
 from .repairs import get_repair
+from .llm_stages import Stages, self_check_after, self_check_before
 from .run import write
 from .views import Overlay, Split, write_back
 
@@ -405,7 +407,8 @@ def self_generated_ids(
     top_p: float = 1.0,
     start: str = "bos",
 ) -> torch.Tensor:
-    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
+    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length)
+    (length capped at the model's position table).
 
     ``start``: "bos" samples every sequence from the BOS token alone; "random" puts one token
     drawn uniformly from the vocabulary after BOS (special tokens excluded), as LLM-QAT's
@@ -417,6 +420,10 @@ def self_generated_ids(
     if start not in LLM_SYNTH_STARTS:
         raise ValueError(f"unknown start {start!r}; choose from {LLM_SYNTH_STARTS}")
     cfg = model.config
+    # never past the model's position table (tiny test configs have 32-64 positions)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and limit >= 2:
+        length = min(length, limit)
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     head = torch.full((n, 1), int(bos), dtype=torch.long)
     if start == "random":
@@ -526,6 +533,7 @@ def fold_decoder(
     t0 = time.perf_counter()
     hooks.check(model)
     check_finite(model)
+    config, auto_why = auto.resolve(model, config, "decoder")
     repair = get_repair(config.repair)
     refit = repair.needs != "nothing"  # "data": the given ids; "synthetic": self-generated text
     if repair.needs == "data" and data is None:
@@ -549,6 +557,7 @@ def fold_decoder(
         groups = hooks.groups(model, config.llm.heads)
     check_patterns(groups, config, modules_of=lambda g: g.modules)
     synth_seconds = None
+    stage = Stages()
     needs_ids = (
         repair.needs == "synthetic"
         or (config.allocation == "cost" and not widths)
@@ -556,16 +565,18 @@ def fold_decoder(
     )
     if needs_ids and data is None:
         t1 = time.perf_counter()
-        data = self_generated_ids(
-            model,
-            config.llm.synth_sequences,
-            config.llm.synth_length,
-            config.seed,
-            start=config.llm.synth_start,
-        )
+        with stage("sampling"):
+            data = self_generated_ids(
+                model,
+                config.llm.synth_sequences,
+                config.llm.synth_length,
+                config.seed,
+                start=config.llm.synth_start,
+            )
         synth_seconds = time.perf_counter() - t1
     view = Overlay(model, splits := hooks.splits(model))
-    plan = plan_llm_widths(model, groups, config, widths, data, hooks=hooks, view=view)
+    with stage("allocation"):
+        plan = plan_llm_widths(model, groups, config, widths, data, hooks=hooks, view=view)
     params_before = count_params(model)
     emb = embedding_params(model)
     todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
@@ -574,7 +585,8 @@ def fold_decoder(
     inputs = None
     mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
     if (refit and todo) or (feats == "activations" and mlp_todo):
-        inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
+        with stage("features"):
+            inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
     correction, refits = "none", {}
     if refit:
         correction = "data"
@@ -611,7 +623,10 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             x = inputs[g.name] if inputs is not None else None
-            c = _cluster_protected(_mlp_cluster_features(view, g, feats, x), k, prot, config)
+            with stage("features"):
+                X = _mlp_cluster_features(view, g, feats, x)
+            with stage("clustering"):
+                c = _cluster_protected(X, k, prot, config)
             z, how = None, correction
             if inputs is not None and refit:
                 z = inputs[g.name]
@@ -621,14 +636,22 @@ def fold_decoder(
                 hidden = get_module(view, g.producers[0]).in_features
                 s = L.input_scale(view, g.input_norm, hidden, g.norm_offset)
                 z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
-            L.merge_mlp(state, view, g, c.labels, k, how, z, config.llm.ridge)
+            with stage("refit" if how == "data" else "merge"):
+                L.merge_mlp(state, view, g, c.labels, k, how, z, config.llm.ridge)
             labels_of[g.name] = c.labels.tolist()
             costs[g.name] = c.cost
 
+    with stage("self_check"):
+        check = self_check_before(model, config, _sample)
     state = write_back(state, view, splits)
-    write(
-        model, state, sorted(state), then=lambda: hooks.sync(model), restore=[hooks.snapshot(model)]
-    )
+    with stage("write"):
+        write(
+            model,
+            state,
+            sorted(state),
+            then=lambda: hooks.sync(model),
+            restore=[hooks.snapshot(model)],
+        )
 
     params_after = count_params(model)
     report = Report(
@@ -662,8 +685,16 @@ def fold_decoder(
     )
     if synth_seconds is not None:
         report.extra["self_generation_seconds"] = synth_seconds
+    auto.record(report, config, auto_why)
+    with stage("self_check"):
+        self_check_after(report, model, check, config)
+    report.extra["stage_seconds"] = stage.seconds
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _sample(model: nn.Module, n: int, length: int, seed: int, start: str) -> torch.Tensor:
+    return self_generated_ids(model, n, length, seed, start=start)
 
 
 REFIT_ROWS_PER_CHANNEL = 4

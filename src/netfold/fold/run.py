@@ -10,6 +10,7 @@ through :mod:`netfold.api`, which hands over the family's groups and hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from ..graph.groups import ChannelGroup
 from ..graph.surgery import Snapshot, apply_tensors
 from ..graph.trace import find_groups, infer_example_inputs
 from ..report import Report
+from . import auto
 from .checks import check_data, check_finite, check_patterns
 from .merge import ColumnShifts, TensorState, merge_group
 from .methods import GroupPlan, plan_group
@@ -80,9 +82,46 @@ def run(
 
     The repair is the registry entry ``config.repair`` (:mod:`netfold.fold.repairs`): what it
     needs is checked first, its ``prepare`` runs on the original model, its ``apply`` after
-    the write under the snapshot.
+    the write under the snapshot. "auto" repair / allocation are resolved first
+    (:func:`netfold.fold.auto.resolve`); when "auto" chose ``repair="stats"`` and the moment
+    propagation does not support one of the model's operations, the fold runs with
+    :data:`~netfold.fold.auto.STATS_FALLBACK` instead and the Report warns.
     """
     t0 = time.perf_counter() if t0 is None else t0
+    chose = config.repair == "auto"
+    config, why = auto.resolve(model, config, "traced", has_data=data is not None)
+    kw = dict(example_inputs=example_inputs, data=data, synthetic=synthetic, groups=groups)
+    try:
+        report = _run(model, config, progress=progress, auto_stats=chose, **kw)
+    except _StatsUnsupported as e:
+        config = dataclasses.replace(config, repair=auto.STATS_FALLBACK)
+        why = f"{why}; stats unsupported here, fell back to {auto.STATS_FALLBACK!r}"
+        report = _run(model, config, progress=progress, **kw)
+        report.warnings.append(
+            f"repair='auto' chose 'stats', which cannot propagate through this model ({e}); "
+            f"used repair={auto.STATS_FALLBACK!r} instead"
+        )
+    auto.record(report, config, why)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+class _StatsUnsupported(Exception):
+    """repair="stats", chosen by "auto", cannot handle the model (before anything changed)."""
+
+
+def _run(
+    model: nn.Module,
+    config: FoldConfig,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    data: Any,
+    synthetic: torch.Tensor | None,
+    groups: list[ChannelGroup] | None,
+    progress: bool,
+    auto_stats: bool = False,
+) -> Report:
+    """:func:`run` with a concrete config (no "auto")."""
     repair = get_repair(config.repair)
     check_finite(model)
     if repair.needs == "data" and data is None:
@@ -145,7 +184,12 @@ def run(
         progress=progress,
     )
     if todo and repair.prepare is not None:
-        repair.prepare(ctx)
+        try:
+            repair.prepare(ctx)
+        except ValueError as e:
+            if auto_stats and config.repair == "stats":
+                raise _StatsUnsupported(str(e)) from e
+            raise
 
     touched = sorted(
         ctx.state.keys()
@@ -174,6 +218,4 @@ def run(
 
     # Everything from the first write on runs under the snapshot: a failure in the write, the
     # repair, the checks or the report puts every touched tensor and attribute back.
-    report = write(model, ctx.state, touched, then=then)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return write(model, ctx.state, touched, then=then)
