@@ -28,11 +28,11 @@ from . import auto
 from . import llm as L
 from .checks import check_finite, check_patterns
 from .cluster import canonical, cluster_with
+from .llm_stages import Stages, self_check_after, self_check_before
 from .magnitude import magnitude_keep
 from .merge import TensorState
 from .plan import MAX_RATIO, bisect_ratio, width_for
 from .repairs import get_repair
-from .llm_stages import Stages, self_check_after, self_check_before
 from .run import write
 from .views import Overlay, Split, write_back
 
