@@ -138,13 +138,15 @@ def plan_llm_widths(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Units kept per group, from ``widths`` / ``ratio`` / ``ratios`` / ``target_sparsity``.
 
     ``target_sparsity`` counts non-embedding parameters (embedding and untied LM head are never
     folded). ``widths`` maps group names to explicit widths: channels for MLP groups, query
     heads for attention groups. ``allocation="cost"`` measures folding errors on ``ids``
-    (token ids (n, seqlen)) with :func:`mlp_error_curves`.
+    (token ids (n, seqlen)) with :func:`mlp_error_curves` (``io``: its MLP inputs, already
+    collected).
 
     Raises:
         ValueError: an explicit width that cannot be met, an unknown group name, or an
@@ -174,7 +176,7 @@ def plan_llm_widths(
         if config.allocation == "cost":
             budget = params_with(model, groups, out, view)
             out = allocate_by_cost(
-                model, foldable, config, budget, _need(ids), hooks=hooks, view=view
+                model, foldable, config, budget, _need(ids), hooks=hooks, view=view, io=io
             )
         return out
     dense = count_params(model)
@@ -182,7 +184,7 @@ def plan_llm_widths(
     target_params = dense - config.target_sparsity * non_emb
     if config.allocation == "cost":
         return allocate_by_cost(
-            model, foldable, config, target_params, _need(ids), hooks=hooks, view=view
+            model, foldable, config, target_params, _need(ids), hooks=hooks, view=view, io=io
         )
 
     def at(r: float) -> dict[str, int]:
@@ -202,6 +204,10 @@ def plan_llm_widths(
 
 
 ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+#: Token rows per layer the allocation's error curves measure on.
+CURVE_ROWS = 2048
+#: Token rows per layer for activation features and refits.
+FEATURE_ROWS = 4096
 
 
 def mlp_error_curves(
@@ -213,6 +219,7 @@ def mlp_error_curves(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Folding error of each MLP group at the widths of :data:`ALLOC_GRID`, from token ids.
 
@@ -222,17 +229,25 @@ def mlp_error_curves(
     massive activations). With self-generated ids this is data-free
     (benchmarks/llm_sensitivity_check.py compares its ranking with measured perplexity).
 
+    ``io``: the (inputs, residual) pairs of :func:`collect_mlp_inputs` with ``residual=True``
+    and the same seed, already collected (a fold shares one pass between these curves and its
+    features); the first :data:`CURVE_ROWS` rows are used, the very rows a collection with
+    ``max_rows=CURVE_ROWS`` keeps (the random pick is one permutation either way).
+
     Returns:
         {group name: [(width, error), ...]} in decreasing width, starting at (size, 0.0).
     """
     view = view if view is not None else Overlay(model, hooks.splits(model))
-    norms = hooks.mlp_norms(model)
-    io = collect_mlp_inputs(model, ids, norms, max_rows=2048, seed=config.seed, residual=True)
+    if io is None:
+        norms = hooks.mlp_norms(model)
+        io = collect_mlp_inputs(
+            model, ids, norms, max_rows=CURVE_ROWS, seed=config.seed, residual=True
+        )
     curves: dict[str, list[tuple[int, float]]] = {}
     for g in groups:
         if not isinstance(g, ChannelGroup) or g.name not in io:
             continue
-        x, r = io[g.name]
+        x, r = (t[:CURVE_ROWS] for t in io[g.name])
         prot = L.protected_channels(L.channel_gain(view, g), config.llm.protect)
         rows, biases = L._rows(view, g), L._biases(view, g)
         act = L.activation(view, g)
@@ -290,6 +305,7 @@ def allocate_by_cost(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Per-layer MLP widths from measured folding errors (:func:`mlp_error_curves`).
 
@@ -307,7 +323,7 @@ def allocate_by_cost(
     ]
     view = view if view is not None else Overlay(model, hooks.splits(model))
     if curves is None:
-        curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view)
+        curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view, io=io)
     curves = {k: v for k, v in curves.items() if k in {g.name for g in allowed}}
     by_name = {g.name: g for g in allowed}
     step = {name: 0 for name in curves}
@@ -373,12 +389,15 @@ def collect_mlp_inputs(
                 res.setdefault(name, []).append(inp[0].detach().reshape(-1, out.shape[-1]).float())
 
         hooks.append(norm.register_forward_hook(hook))
+    # the decoder body without the LM head (a fifth of SmolLM2's FLOPs): only norms are read
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    body = body if isinstance(body, nn.Module) else model
     was = model.training
     model.eval()
     try:
         for b in batches:
             for j in range(b.shape[0]):
-                model(input_ids=b[j : j + 1].long(), use_cache=False)
+                body(input_ids=b[j : j + 1].long(), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -575,8 +594,17 @@ def fold_decoder(
             )
         synth_seconds = time.perf_counter() - t1
     view = Overlay(model, splits := hooks.splits(model))
+    shared = None
+    if config.allocation == "cost" and not widths and not prune and data is not None:
+        # one pass over the text for the allocation's curves AND the features / refit
+        with stage("features"):
+            shared = collect_mlp_inputs(
+                model, data, hooks.mlp_norms(model), FEATURE_ROWS, config.seed, residual=True
+            )
     with stage("allocation"):
-        plan = plan_llm_widths(model, groups, config, widths, data, hooks=hooks, view=view)
+        plan = plan_llm_widths(
+            model, groups, config, widths, data, hooks=hooks, view=view, io=shared
+        )
     params_before = count_params(model)
     emb = embedding_params(model)
     todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
@@ -586,7 +614,13 @@ def fold_decoder(
     mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
     if (refit and todo) or (feats == "activations" and mlp_todo):
         with stage("features"):
-            inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
+            if shared is not None:
+                inputs = {name: x for name, (x, _r) in shared.items()}
+            else:
+                inputs = collect_mlp_inputs(
+                    model, data, hooks.mlp_norms(model), FEATURE_ROWS, config.seed
+                )
+    shared = None  # the residual streams were for the curves only
     correction, refits = "none", {}
     if refit:
         correction = "data"
