@@ -246,7 +246,7 @@ class FoldConfig(_JSONMixin):
             merging).
         repair: "auto" (default: the measured best data-free repair for the model, resolved
             before planning and named in ``Report.extra["repair"]``: "stats" for BatchNorm
-            networks, "dir" with the cost allocation for decoder LLMs, "ar" otherwise, "data"
+            networks, "dir" with the cost allocation for decoder LLMs, "none" otherwise, "data"
             when ``data=`` is given; :mod:`netfold.fold.auto`), "none" (Fold-naive), "ar"
             (approximate REPAIR, data-free), "dir" (Deep-Inversion
             REPAIR, data-free), "data" (REPAIR with calibration batches), "stats" (data-free,
