@@ -235,6 +235,20 @@ def test_default_decoder_fold_resolves_to_the_cost_recipe_and_times_its_stages()
     assert rep.extra["non_embedding_sparsity"] >= 0.25
 
 
+def test_cli_prints_a_failed_self_check_as_a_banner(capsys):
+    from netfold.cli import print_self_check
+    from netfold.report import Report
+
+    model = _tiny_llama(sharp=20.0, mlp_gain=10.0)
+    rep = netfold.fold(model, FoldConfig(ratio=0.98, repair="none", llm=TINY_LLM))
+    print_self_check(rep)
+    cap = capsys.readouterr()
+    assert "self-check: perplexity on 122 tokens" in cap.out
+    assert "WARNING: self-check FAILED" in cap.err and "!" * 78 in cap.err
+    print_self_check(Report("fold", 1, 1))  # no check: prints nothing
+    assert capsys.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

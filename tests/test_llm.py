@@ -434,6 +434,9 @@ def test_cli_fold_and_eval_hf_dir(tmp_path, capsys):
         ["fold", str(tmp_path / "src"), "--target-sparsity", "0.2", "--out", str(tmp_path / "out")]
     )
     assert rc == 0
+    out = capsys.readouterr().out
+    assert "repair: dir" in out and "allocation: cost" in out  # what "auto" chose, printed
+    assert "self-check: perplexity on" in out
     folded = netfold.load(tmp_path / "out")
     assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in model.parameters())
     rc = main(["eval", str(tmp_path / "out"), "--ppl", str(tmp_path / "ids.pt"), "--seqlen", "32"])

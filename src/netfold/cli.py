@@ -214,6 +214,22 @@ def _save_dtype(model: nn.Module, name: str | None) -> nn.Module:
     return model if name is None else model.to(hub.DTYPES[name])
 
 
+def print_self_check(report) -> None:
+    """The decoder fold's self-check in one line; a failed one as a banner on stderr."""
+    sc = report.extra.get("self_check")
+    if not sc:
+        return
+    print(
+        f"  self-check: perplexity on {sc['tokens']} tokens of the original model's own text "
+        f"{sc['ppl_before']:.3f} -> {sc['ppl_after']:.3f} ({sc['ratio']:.2f}x, "
+        f"KL {sc['kl']:.3f} nats/token, {sc['seconds']:.1f} s)"
+    )
+    if sc["failed"]:
+        bar = "!" * 78
+        msg = next((w for w in report.warnings if w.startswith("self-check")), "self-check failed")
+        print(f"{bar}\nWARNING: {msg}\n{bar}", file=sys.stderr)
+
+
 def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     from .api import fold
     from .config import LLMConfig
@@ -256,6 +272,7 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
         before["sample"] = greedy_sample(model, tok, prompt)
     report = fold(model, cfg, data=data, progress=True)
     print(report)
+    print_self_check(report)
     if ids is not None:
         after = perplexity(model, tok, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows)
         print(f"  perplexity {before['ppl']:.3f} -> {after:.3f} ({args.ppl})")
