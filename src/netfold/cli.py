@@ -236,12 +236,14 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     from .eval.perplexity import greedy_sample, perplexity
     from .families.llama import config_extension, save_pretrained
 
-    ratio = args.ratio
-    if ratio is None and args.target_sparsity is None:
-        ratio = 0.2  # LLMs lose far more per channel than CNNs: a milder default
+    target = args.target_sparsity
+    if args.ratio is None and target is None:
+        # LLMs lose far more per channel than CNNs: a milder default, as a parameter target so
+        # that "auto" allocates it by measured cost (a uniform ratio collapses small LLMs)
+        target = 0.2
     cfg = FoldConfig(
-        ratio=ratio,
-        target_sparsity=args.target_sparsity,
+        ratio=args.ratio,
+        target_sparsity=target,
         method=args.method,
         repair=args.repair,
         seed=args.seed,
