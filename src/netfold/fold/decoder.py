@@ -387,15 +387,39 @@ def collect_mlp_inputs(
     batches = [data] if isinstance(data, torch.Tensor) else list(data)
     if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
         raise ValueError("LLM calibration data must be token ids: a (n, seqlen) LongTensor")
-    rows: dict[str, list[torch.Tensor]] = {}
-    res: dict[str, list[torch.Tensor]] = {}
+    # The kept rows are drawn up front and picked out as the forward passes go, so memory
+    # holds max_rows rows per layer, not every token of the text.
+    total = sum(b.numel() for b in batches)
+    g = torch.Generator().manual_seed(seed)
+    keep = min(total, max_rows)
+    slot: dict[str, torch.Tensor] = {}  # token index -> row of the output, -1: not kept
+    for name in norms:
+        pick = torch.randperm(total, generator=g)[:max_rows] if total > max_rows else None
+        slot[name] = torch.full((total,), -1, dtype=torch.long)
+        slot[name][pick if pick is not None else torch.arange(total)] = torch.arange(keep)
+    out_rows: dict[str, list[torch.Tensor]] = {n: [None, None] for n in norms}
+    seen = dict.fromkeys(norms, 0)
     hooks = []
+
+    def put(name: str, which: int, t: torch.Tensor, idx: torch.Tensor, sel: torch.Tensor) -> None:
+        buf = out_rows[name][which]
+        if buf is None:
+            buf = out_rows[name][which] = torch.zeros(keep, t.shape[-1], dtype=torch.float64)
+        buf[idx[sel]] = t[sel].to(torch.float64)
+
     for name, norm in norms.items():
 
         def hook(_m, inp, out, name=name):
-            rows.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+            x = out.detach().reshape(-1, out.shape[-1]).float()
+            o = seen[name]
+            if o + x.shape[0] > total:
+                raise RuntimeError(f"{name}: the norm ran on more tokens than the data holds")
+            idx = slot[name][o : o + x.shape[0]]
+            seen[name] = o + x.shape[0]
+            sel = idx >= 0
+            put(name, 0, x, idx, sel)
             if residual:
-                res.setdefault(name, []).append(inp[0].detach().reshape(-1, out.shape[-1]).float())
+                put(name, 1, inp[0].detach().reshape(-1, out.shape[-1]).float(), idx, sel)
 
         hooks.append(norm.register_forward_hook(hook))
     # the decoder body without the LM head (a fifth of SmolLM2's FLOPs): only norms are read
@@ -411,17 +435,11 @@ def collect_mlp_inputs(
         for h in hooks:
             h.remove()
         model.train(was)
-    g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
-    for name, parts in rows.items():
-        X = torch.cat(parts)
-        pick = torch.randperm(X.shape[0], generator=g)[:max_rows] if X.shape[0] > max_rows else None
-        X = (X if pick is None else X[pick]).to(torch.float64)
-        if residual:
-            R = torch.cat(res[name])
-            out[name] = (X, (R if pick is None else R[pick]).to(torch.float64))
-        else:
-            out[name] = X
+    for name, (X, R) in out_rows.items():
+        if X is None:
+            continue
+        out[name] = (X, R) if residual else X
     return out
 
 
