@@ -306,7 +306,8 @@ def test_collection_reads_the_body_without_the_lm_head():
 @pytest.mark.slow
 def test_smollm2_self_check_identity_and_cost():
     """SmolLM2-135M: a ratio-0 fold's self-check is exactly 1 and costs seconds. Measured:
-    self-perplexity 2.9 on 4 x 61 scored tokens, 3.9 s (2 threads, loaded machine)."""
+    self-perplexity 67.8 on 4 x 61 scored tokens (text sampled at temperature 1 after a random
+    first token), about 10 CPU-s."""
     from netfold.families.llama import load_smollm2
 
     try:
@@ -319,5 +320,5 @@ def test_smollm2_self_check_identity_and_cost():
     sc = rep.extra["self_check"]
     assert sc["ratio"] == 1.0 and sc["kl"] == pytest.approx(0.0, abs=1e-6)
     assert sc["tokens"] == 4 * (64 - 1 - 2) and not rep.warnings
-    assert 1.0 < sc["ppl_before"] < 50, sc  # the model predicts its own text well
+    assert sc["ppl_before"] == pytest.approx(67.8, rel=0.05), sc  # float32, CPU-dependent
     assert cpu < 40, cpu
