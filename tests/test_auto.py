@@ -307,7 +307,8 @@ def test_collection_reads_the_body_without_the_lm_head():
 def test_smollm2_self_check_identity_and_cost():
     """SmolLM2-135M: a ratio-0 fold's self-check is exactly 1 and costs seconds. Measured:
     self-perplexity 67.8 on 4 x 61 scored tokens (text sampled at temperature 1 after a random
-    first token), about 10 CPU-s."""
+    first token); the check took 8 s wall (2 threads, load ~6) and up to 58 CPU-s under a
+    load of 15."""
     from netfold.families.llama import load_smollm2
 
     try:
@@ -321,4 +322,4 @@ def test_smollm2_self_check_identity_and_cost():
     assert sc["ratio"] == 1.0 and sc["kl"] == pytest.approx(0.0, abs=1e-6)
     assert sc["tokens"] == 4 * (64 - 1 - 2) and not rep.warnings
     assert sc["ppl_before"] == pytest.approx(67.8, rel=0.05), sc  # float32, CPU-dependent
-    assert cpu < 40, cpu
+    assert cpu < 90, cpu
