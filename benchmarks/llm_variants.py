@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = {k: [p for p in v if p[0] >= round(1536 * floor)] for k, v in curves.items()}
         # this study predates activation features: it pins the weight features it measured
         lk = {"features": "weights", **lk}
+        fk = {"repair": "ar", **fk}  # the default when this study ran (now "auto")
         cfg = FoldConfig(target_sparsity=target, n_init=3, llm=LLMConfig(**lk), **fk)
         widths = allocate_by_cost(model, groups, cfg, dense - target * non_emb, None, cut)
         m = copy.deepcopy(model)

@@ -388,7 +388,7 @@ def test_llm_data_refused_only_where_ignored() -> None:
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     weights = LLMConfig(features="weights")
     with pytest.raises(ValueError, match="data= would be ignored"):
-        netfold.fold(m, FoldConfig(ratio=0.5, llm=weights), data=ids)
+        netfold.fold(m, FoldConfig(ratio=0.5, repair="ar", llm=weights), data=ids)
     with pytest.raises(ValueError, match="data= would be ignored"):
         netfold.fold(m, FoldConfig(ratio=0.5, method="magnitude-l1"), data=ids)
     with pytest.raises(ValueError, match="ratios pattern 'layers.9.\\*' matches no foldable"):

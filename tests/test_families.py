@@ -187,7 +187,7 @@ def test_planted_duplicates_fold_exactly(mt: str) -> None:
     model = tiny(mt)
     plant(model, heads)
     ref = logits(model)
-    cfg = FoldConfig(ratio=0.5, llm=LLMConfig(protect=0.0))
+    cfg = FoldConfig(ratio=0.5, repair="ar", llm=LLMConfig(protect=0.0))
     report = netfold.fold(model, cfg)
     assert report.params_after < report.params_before
     torch.testing.assert_close(logits(model), ref, atol=1e-10, rtol=0)

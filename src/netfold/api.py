@@ -109,7 +109,9 @@ def fold(
 
     Args:
         model: a CNN / MLP (traced with torch.fx) in eval or train mode; its mode is kept.
-        config: what to fold and how (default ``FoldConfig()``: ratio 0.5, k-means, Fold-AR).
+        config: what to fold and how (default ``FoldConfig()``: ratio 0.5, k-means, repair
+            "auto": the measured best data-free repair for the model, see
+            :mod:`netfold.fold.auto`).
         example_inputs: an input batch, e.g. (N, C, H, W), for tracing and FLOP counts;
             inferred from the first layer when None.
         data: calibration inputs for ``repair="data"``: a Tensor (N, ...) of the model's input

@@ -28,7 +28,8 @@ METHODS = CLUSTER_METHODS + PRUNE_METHODS + MERGE_BASELINES
 #: Repair names a FoldConfig accepts. Filled by the repair registry
 #: (:func:`netfold.fold.repairs.register`, which calls :func:`add_repair_name`): a new repair
 #: is one registered module, and configs accept its name without an edit here.
-REPAIRS: tuple[str, ...] = ("none", "ar", "dir", "data")
+#: "auto" (the default) is resolved per model before planning (:mod:`netfold.fold.auto`).
+REPAIRS: tuple[str, ...] = ("auto", "none", "ar", "dir", "data")
 
 
 def add_repair_name(name: str) -> None:
@@ -38,7 +39,7 @@ def add_repair_name(name: str) -> None:
         REPAIRS = (*REPAIRS, name)
 
 
-ALLOCATIONS = ("uniform", "cost")
+ALLOCATIONS = ("auto", "uniform", "cost")
 #: The ratio a FoldConfig uses when neither ``ratio`` nor ``target_sparsity`` is given.
 DEFAULT_RATIO = 0.5
 
@@ -160,6 +161,14 @@ class LLMConfig(_JSONMixin):
             channel's output h_i(x) on token rows, from the calibration ids or the model's own
             sampled text) or "auto": "activations" whenever token ids are at
             hand anyway (``allocation="cost"``, ``repair="dir"`` / ``"data"``), else "weights".
+        self_check: after the fold, compare the folded and the original model on a few short
+            sequences the ORIGINAL model wrote before folding (held out: another seed than the
+            calibration text); the Report gets ``extra["self_check"]`` (perplexities, ratio,
+            mean token KL, tokens, seconds; :mod:`netfold.eval.self_check`) and a warning
+            when the folded perplexity exceeds ``self_check_threshold`` times the original's.
+            False: no check (saves a few seconds).
+        self_check_threshold: the perplexity ratio above which the check warns (> 1).
+        self_check_sequences / self_check_length: the held-out text, sequences x tokens.
     """
 
     heads: str = "query"
@@ -174,6 +183,10 @@ class LLMConfig(_JSONMixin):
     refit: str = "auto"
     features: str = "auto"
     synth_start: str = "random"
+    self_check: bool = True
+    self_check_threshold: float = 3.0
+    self_check_sequences: int = 4
+    self_check_length: int = 64
 
     def __post_init__(self) -> None:
         if self.heads not in LLM_HEAD_UNITS:
@@ -198,6 +211,13 @@ class LLMConfig(_JSONMixin):
             raise ValueError(f"protect must be >= 0, got {self.protect}")
         if self.synth_sequences < 1 or self.synth_length < 2:
             raise ValueError("synth_sequences must be >= 1 and synth_length >= 2")
+        if not isinstance(self.self_check, bool):
+            raise TypeError(f"self_check must be a bool, got {self.self_check!r}")
+        t = self.self_check_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 1:
+            raise ValueError(f"self_check_threshold must be a number > 1, got {t!r}")
+        if self.self_check_sequences < 1 or self.self_check_length < 4:
+            raise ValueError("self_check_sequences must be >= 1 and self_check_length >= 4")
 
 
 @dataclass(frozen=True)
@@ -213,7 +233,9 @@ class FoldConfig(_JSONMixin):
             the group name and every module name in the group, first match wins.
         target_sparsity: fraction of all parameters to remove; when set, netfold solves for the
             ratios (uniform, or by ``allocation``) and ``ratio`` must be left unset.
-        allocation: how the parameter budget is spread over groups: "uniform" (one ratio) or
+        allocation: how the parameter budget is spread over groups: "auto" (default: "cost"
+            for decoder LLMs, "uniform" otherwise; :mod:`netfold.fold.auto`), "uniform" (one
+            ratio) or
             "cost" (data-free: each group's width from its k-means folding cost curve J(k),
             normalised by the group's weight energy, one global threshold; see
             :mod:`netfold.fold.allocate`). With "cost" and no ``target_sparsity`` the budget
@@ -222,7 +244,11 @@ class FoldConfig(_JSONMixin):
             "greedy"), or a baseline on the same groups: "magnitude-l1" / "magnitude-l2"
             (structured pruning by the coupled weights' norm) or "ifm" (iterative feature
             merging).
-        repair: "none" (Fold-naive), "ar" (approximate REPAIR, data-free), "dir" (Deep-Inversion
+        repair: "auto" (default: the measured best data-free repair for the model, resolved
+            before planning and named in ``Report.extra["repair"]``: "stats" for BatchNorm
+            networks, "dir" with the cost allocation for decoder LLMs, "none" otherwise, "data"
+            when ``data=`` is given; :mod:`netfold.fold.auto`), "none" (Fold-naive), "ar"
+            (approximate REPAIR, data-free), "dir" (Deep-Inversion
             REPAIR, data-free), "data" (REPAIR with calibration batches), "stats" (data-free,
             instant: BatchNorm statistics predicted from the stored ones by moment
             propagation, :mod:`netfold.fold.stats_repair`).
@@ -242,9 +268,9 @@ class FoldConfig(_JSONMixin):
     ratio: float | None = None
     ratios: dict[str, float] | None = None
     target_sparsity: float | None = None
-    allocation: str = "uniform"
+    allocation: str = "auto"
     method: str = "kmeans"
-    repair: str = "ar"
+    repair: str = "auto"
     seed: int = 0
     n_init: int = 10
     max_iter: int = 20

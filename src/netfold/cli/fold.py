@@ -6,6 +6,7 @@ netfold fold MODEL (--ratio R | --target-sparsity S) [--repair ar] [--dtype bf16
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn as nn
@@ -57,9 +58,10 @@ def add_fold_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--repair",
         choices=REPAIRS,
-        default="ar",
-        help="statistics repair after merging (ar: data-free; dir: deep inversion; data: "
-        "calibration data) (default ar)",
+        default="auto",
+        help="statistics repair after merging (auto: the measured best data-free one for the "
+        "model, printed in the report; ar / stats: data-free; dir: deep inversion; data: "
+        "calibration data) (default auto)",
     )
     p.add_argument(
         "--method", choices=METHODS, default="kmeans", help="how channels are grouped or kept"
@@ -95,8 +97,9 @@ def add_fold_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
-        default="uniform",
-        help="per-group widths: the same ratio everywhere, or by measured folding cost",
+        default="auto",
+        help="per-group widths: the same ratio everywhere, or by measured folding cost "
+        "(auto: cost for decoder LLMs, uniform otherwise)",
     )
     p.add_argument("--skip", nargs="*", help="fnmatch patterns of groups never folded")
     p.add_argument(
@@ -109,6 +112,22 @@ def add_fold_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def print_self_check(report) -> None:
+    """The decoder fold's self-check in one line; a failed one as a banner on stderr."""
+    sc = report.extra.get("self_check")
+    if not sc:
+        return
+    print(
+        f"  self-check: perplexity on {sc['tokens']} tokens of the original model's own text "
+        f"{sc['ppl_before']:.3f} -> {sc['ppl_after']:.3f} ({sc['ratio']:.2f}x, "
+        f"KL {sc['kl']:.3f} nats/token, {sc['seconds']:.1f} s)"
+    )
+    if sc["failed"]:
+        bar = "!" * 78
+        msg = next((w for w in report.warnings if w.startswith("self-check")), "self-check failed")
+        print(f"{bar}\nWARNING: {msg}\n{bar}", file=sys.stderr)
+
+
 def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     """``netfold fold`` of a token model (Hugging Face decoder or encoder)."""
     from ..api import fold
@@ -116,12 +135,14 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     from ..eval.perplexity import greedy_sample, perplexity
     from ..families.llama import config_extension, save_pretrained
 
-    ratio = args.ratio
-    if ratio is None and args.target_sparsity is None:
-        ratio = 0.2  # LLMs lose far more per channel than CNNs: a milder default
+    target = args.target_sparsity
+    if args.ratio is None and target is None:
+        # LLMs lose far more per channel than CNNs: a milder default, as a parameter target so
+        # that "auto" allocates it by measured cost (a uniform ratio collapses small LLMs)
+        target = 0.2
     cfg = FoldConfig(
-        ratio=ratio,
-        target_sparsity=args.target_sparsity,
+        ratio=args.ratio,
+        target_sparsity=target,
         method=args.method,
         repair=args.repair,
         seed=args.seed,
@@ -152,6 +173,7 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
         before["sample"] = greedy_sample(model, tok, prompt)
     report = fold(model, cfg, data=data, progress=True)
     print(report)
+    print_self_check(report)
     if ids is not None:
         after = perplexity(model, tok, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows)
         print(f"  perplexity {before['ppl']:.3f} -> {after:.3f} ({args.ppl})")

@@ -236,7 +236,8 @@ def fold_encoder(
 
     Args:
         model: a Hugging Face BERT / ViT model (or timm-style blocks).
-        config: a :class:`netfold.FoldConfig` (default ratio 0.5, repair "ar").
+        config: a :class:`netfold.FoldConfig` (default ratio 0.5, repair "auto", which is
+            :data:`netfold.fold.auto.BN_FREE_REPAIR` here).
         groups: precomputed :func:`encoder_groups`.
         heads / mlp: which kinds of group to fold.
         progress: progress bar over groups.

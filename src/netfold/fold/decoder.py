@@ -23,10 +23,12 @@ from ..eval.cost import count_params
 from ..graph.groups import ChannelGroup, HeadGroup
 from ..graph.surgery import get_module
 from ..report import GroupReport, Report
+from . import auto
 from . import llm as L
 from .allocate import greedy_allocation
 from .checks import check_finite, check_patterns
 from .cluster import canonical, cluster_with
+from .llm_stages import Stages, self_check_after, self_check_before
 from .magnitude import magnitude_keep
 from .merge import TensorState
 from .plan import (
@@ -102,13 +104,15 @@ def plan_llm_widths(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Units kept per group, from ``widths`` / ``ratio`` / ``ratios`` / ``target_sparsity``.
 
     ``target_sparsity`` counts non-embedding parameters (embedding and untied LM head are never
     folded). ``widths`` maps group names to explicit widths: channels for MLP groups, query
     heads for attention groups. ``allocation="cost"`` measures folding errors on ``ids``
-    (token ids (n, seqlen)) with :func:`mlp_error_curves`.
+    (token ids (n, seqlen)) with :func:`mlp_error_curves` (``io``: its MLP inputs, already
+    collected).
 
     Raises:
         ValueError: an explicit width that cannot be met, an unknown group name, or an
@@ -123,7 +127,7 @@ def plan_llm_widths(
         if config.allocation == "cost":
             budget = params_after(model, groups, out, view)
             out = allocate_by_cost(
-                model, foldable, config, budget, _need(ids), hooks=hooks, view=view
+                model, foldable, config, budget, _need(ids), hooks=hooks, view=view, io=io
             )
         return out
     dense = count_params(model)
@@ -131,7 +135,7 @@ def plan_llm_widths(
     target_params = dense - config.target_sparsity * non_emb
     if config.allocation == "cost":
         return allocate_by_cost(
-            model, foldable, config, target_params, _need(ids), hooks=hooks, view=view
+            model, foldable, config, target_params, _need(ids), hooks=hooks, view=view, io=io
         )
     most = widths_at(foldable, config, MAX_RATIO, group_ratio)
     if params_after(model, groups, most, view) > target_params:
@@ -144,6 +148,12 @@ def plan_llm_widths(
 
 
 ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+#: Token rows per layer the allocation's error curves measure on.
+CURVE_ROWS = 2048
+#: Token rows per layer for activation features and refits.
+FEATURE_ROWS = 4096
+#: dtype of the allocation's error curves.
+CURVE_DTYPE = torch.float32
 
 
 def mlp_error_curves(
@@ -155,6 +165,7 @@ def mlp_error_curves(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Folding error of each MLP group at the widths of :data:`ALLOC_GRID`, from token ids.
 
@@ -164,23 +175,38 @@ def mlp_error_curves(
     massive activations). With self-generated ids this is data-free
     (benchmarks/llm_sensitivity_check.py compares its ranking with measured perplexity).
 
+    ``io``: the (inputs, residual) pairs of :func:`collect_mlp_inputs` with ``residual=True``
+    and the same seed, already collected (a fold shares one pass between these curves and its
+    features); the first :data:`CURVE_ROWS` rows are used, the very rows a collection with
+    ``max_rows=CURVE_ROWS`` keeps (the random pick is one permutation either way).
+
     Returns:
         {group name: [(width, error), ...]} in decreasing width, starting at (size, 0.0).
     """
     view = view if view is not None else Overlay(model, hooks.splits(model))
-    norms = hooks.mlp_norms(model)
-    io = collect_mlp_inputs(model, ids, norms, max_rows=2048, seed=config.seed, residual=True)
+    if io is None:
+        norms = hooks.mlp_norms(model)
+        io = collect_mlp_inputs(
+            model, ids, norms, max_rows=CURVE_ROWS, seed=config.seed, residual=True
+        )
     curves: dict[str, list[tuple[int, float]]] = {}
     for g in groups:
         if not isinstance(g, ChannelGroup) or g.name not in io:
             continue
-        x, r = io[g.name]
+        # float32 throughout: an error ranking needs no float64, and the k-means features
+        # were float32 already (twice the matmul speed on CPU)
+        x, r = (t[:CURVE_ROWS].to(CURVE_DTYPE) for t in io[g.name])
         prot = L.protected_channels(L.channel_gain(view, g), config.llm.protect)
-        rows, biases = L._rows(view, g), L._biases(view, g)
+        rows = tuple(w.to(CURVE_DTYPE) for w in L._rows(view, g))
+        biases = tuple(None if b is None else b.to(CURVE_DTYPE) for b in L._biases(view, g))
         act = L.activation(view, g)
-        down = get_module(view, g.consumers[0].module).weight.detach().to(torch.float64)
-        X = _mlp_cluster_features(view, g, feature_kind(config, have_ids=True), x)
-        y = L.mlp_hidden(x, rows, act, biases) @ down.t()
+        down = get_module(view, g.consumers[0].module).weight.detach().to(CURVE_DTYPE)
+        h = L.mlp_hidden(x, rows, act, biases)  # (S, I): the activation features, transposed
+        if feature_kind(config, have_ids=True) == "activations":
+            X = h.t().contiguous()
+        else:
+            X = L.mlp_features(view, g)
+        y = h @ down.t()
         rn = (r * r).sum(1).clamp_min(1e-30)
         pts = [(g.size, 0.0)]
         for frac in grid:
@@ -188,7 +214,7 @@ def mlp_error_curves(
             if k >= pts[-1][0]:
                 continue
             c = _cluster_protected(X, k, prot, dataclasses.replace(config, n_init=1))
-            U, A = L.cluster_matrices(c.labels, k, torch.float64)
+            U, A = L.cluster_matrices(c.labels, k, CURVE_DTYPE)
             merged = tuple(A @ r for r in rows)
             mb = tuple(None if b is None else A @ b for b in biases)
             y2 = L.mlp_hidden(x, merged, act, mb) @ (down @ U).t()
@@ -232,6 +258,7 @@ def allocate_by_cost(
     *,
     hooks: DecoderHooks,
     view: nn.Module | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Per-layer MLP widths from measured folding errors (:func:`mlp_error_curves`).
 
@@ -249,7 +276,7 @@ def allocate_by_cost(
     ]
     view = view if view is not None else Overlay(model, hooks.splits(model))
     if curves is None:
-        curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view)
+        curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view, io=io)
     curves = {k: v for k, v in curves.items() if k in {g.name for g in allowed}}
     by_name = {g.name: g for g in allowed}
     widths = greedy_allocation(
@@ -289,38 +316,59 @@ def collect_mlp_inputs(
     batches = [data] if isinstance(data, torch.Tensor) else list(data)
     if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
         raise ValueError("LLM calibration data must be token ids: a (n, seqlen) LongTensor")
-    rows: dict[str, list[torch.Tensor]] = {}
-    res: dict[str, list[torch.Tensor]] = {}
+    # The kept rows are drawn up front and picked out as the forward passes go, so memory
+    # holds max_rows rows per layer, not every token of the text.
+    total = sum(b.numel() for b in batches)
+    g = torch.Generator().manual_seed(seed)
+    keep = min(total, max_rows)
+    slot: dict[str, torch.Tensor] = {}  # token index -> row of the output, -1: not kept
+    for name in norms:
+        pick = torch.randperm(total, generator=g)[:max_rows] if total > max_rows else None
+        slot[name] = torch.full((total,), -1, dtype=torch.long)
+        slot[name][pick if pick is not None else torch.arange(total)] = torch.arange(keep)
+    out_rows: dict[str, list[torch.Tensor]] = {n: [None, None] for n in norms}
+    seen = dict.fromkeys(norms, 0)
     hooks = []
+
+    def put(name: str, which: int, t: torch.Tensor, idx: torch.Tensor, sel: torch.Tensor) -> None:
+        buf = out_rows[name][which]
+        if buf is None:
+            buf = out_rows[name][which] = torch.zeros(keep, t.shape[-1], dtype=torch.float64)
+        buf[idx[sel]] = t[sel].to(torch.float64)
+
     for name, norm in norms.items():
 
         def hook(_m, inp, out, name=name):
-            rows.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+            x = out.detach().reshape(-1, out.shape[-1]).float()
+            o = seen[name]
+            if o + x.shape[0] > total:
+                raise RuntimeError(f"{name}: the norm ran on more tokens than the data holds")
+            idx = slot[name][o : o + x.shape[0]]
+            seen[name] = o + x.shape[0]
+            sel = idx >= 0
+            put(name, 0, x, idx, sel)
             if residual:
-                res.setdefault(name, []).append(inp[0].detach().reshape(-1, out.shape[-1]).float())
+                put(name, 1, inp[0].detach().reshape(-1, out.shape[-1]).float(), idx, sel)
 
         hooks.append(norm.register_forward_hook(hook))
+    # the decoder body without the LM head (a fifth of SmolLM2's FLOPs): only norms are read
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    body = body if isinstance(body, nn.Module) else model
     was = model.training
     model.eval()
     try:
         for b in batches:
             for j in range(b.shape[0]):
-                model(input_ids=b[j : j + 1].long(), use_cache=False)
+                body(input_ids=b[j : j + 1].long(), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
-    for name, parts in rows.items():
-        X = torch.cat(parts)
-        pick = torch.randperm(X.shape[0], generator=g)[:max_rows] if X.shape[0] > max_rows else None
-        X = (X if pick is None else X[pick]).to(torch.float64)
-        if residual:
-            R = torch.cat(res[name])
-            out[name] = (X, (R if pick is None else R[pick]).to(torch.float64))
-        else:
-            out[name] = X
+    for name, (X, R) in out_rows.items():
+        if X is None:
+            continue
+        out[name] = (X, R) if residual else X
     return out
 
 
@@ -334,7 +382,8 @@ def self_generated_ids(
     top_p: float = 1.0,
     start: str = "bos",
 ) -> torch.Tensor:
-    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length).
+    """Data-free calibration text: ``n`` sequences sampled from the model itself, (n, length)
+    (length capped at the model's position table).
 
     ``start``: "bos" samples every sequence from the BOS token alone; "random" puts one token
     drawn uniformly from the vocabulary after BOS (special tokens excluded), as LLM-QAT's
@@ -346,6 +395,10 @@ def self_generated_ids(
     if start not in LLM_SYNTH_STARTS:
         raise ValueError(f"unknown start {start!r}; choose from {LLM_SYNTH_STARTS}")
     cfg = model.config
+    # never past the model's position table (tiny test configs have 32-64 positions)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and limit >= 2:
+        length = min(length, limit)
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     head = torch.full((n, 1), int(bos), dtype=torch.long)
     if start == "random":
@@ -455,6 +508,7 @@ def fold_decoder(
     t0 = time.perf_counter()
     hooks.check(model)
     check_finite(model)
+    config, auto_why = auto.resolve(model, config, "decoder")
     repair = get_repair(config.repair)
     refit = repair.needs != "nothing"  # "data": the given ids; "synthetic": self-generated text
     if repair.needs == "data" and data is None:
@@ -478,6 +532,7 @@ def fold_decoder(
         groups = hooks.groups(model, config.llm.heads)
     check_patterns(groups, config, modules_of=lambda g: g.modules)
     synth_seconds = None
+    stage = Stages()
     needs_ids = (
         repair.needs == "synthetic"
         or (config.allocation == "cost" and not widths)
@@ -485,16 +540,27 @@ def fold_decoder(
     )
     if needs_ids and data is None:
         t1 = time.perf_counter()
-        data = self_generated_ids(
-            model,
-            config.llm.synth_sequences,
-            config.llm.synth_length,
-            config.seed,
-            start=config.llm.synth_start,
-        )
+        with stage("sampling"):
+            data = self_generated_ids(
+                model,
+                config.llm.synth_sequences,
+                config.llm.synth_length,
+                config.seed,
+                start=config.llm.synth_start,
+            )
         synth_seconds = time.perf_counter() - t1
     view = Overlay(model, splits := hooks.splits(model))
-    plan = plan_llm_widths(model, groups, config, widths, data, hooks=hooks, view=view)
+    shared = None
+    if config.allocation == "cost" and not widths and not prune and data is not None:
+        # one pass over the text for the allocation's curves AND the features / refit
+        with stage("features"):
+            shared = collect_mlp_inputs(
+                model, data, hooks.mlp_norms(model), FEATURE_ROWS, config.seed, residual=True
+            )
+    with stage("allocation"):
+        plan = plan_llm_widths(
+            model, groups, config, widths, data, hooks=hooks, view=view, io=shared
+        )
     params_before = count_params(model)
     emb = embedding_params(model)
     todo = [g for g in groups if g.name in plan and plan[g.name] < g.size]
@@ -503,7 +569,14 @@ def fold_decoder(
     inputs = None
     mlp_todo = any(isinstance(g, ChannelGroup) for g in todo)
     if (refit and todo) or (feats == "activations" and mlp_todo):
-        inputs = collect_mlp_inputs(model, data, hooks.mlp_norms(model), seed=config.seed)
+        with stage("features"):
+            if shared is not None:
+                inputs = {name: x for name, (x, _r) in shared.items()}
+            else:
+                inputs = collect_mlp_inputs(
+                    model, data, hooks.mlp_norms(model), FEATURE_ROWS, config.seed
+                )
+    shared = None  # the residual streams were for the curves only
     correction, refits = "none", {}
     if refit:
         correction = "data"
@@ -540,7 +613,10 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             x = inputs[g.name] if inputs is not None else None
-            c = _cluster_protected(_mlp_cluster_features(view, g, feats, x), k, prot, config)
+            with stage("features"):
+                X = _mlp_cluster_features(view, g, feats, x)
+            with stage("clustering"):
+                c = _cluster_protected(X, k, prot, config)
             z, how = None, correction
             if inputs is not None and refit:
                 z = inputs[g.name]
@@ -550,14 +626,22 @@ def fold_decoder(
                 hidden = get_module(view, g.producers[0]).in_features
                 s = L.input_scale(view, g.input_norm, hidden, g.norm_offset)
                 z = L.gaussian_inputs(hidden, config.llm.gauss_samples, config.seed) * s
-            L.merge_mlp(state, view, g, c.labels, k, how, z, config.llm.ridge)
+            with stage("refit" if how == "data" else "merge"):
+                L.merge_mlp(state, view, g, c.labels, k, how, z, config.llm.ridge)
             labels_of[g.name] = c.labels.tolist()
             costs[g.name] = c.cost
 
+    with stage("self_check"):
+        check = self_check_before(model, config, _sample)
     state = write_back(state, view, splits)
-    write(
-        model, state, sorted(state), then=lambda: hooks.sync(model), restore=[hooks.snapshot(model)]
-    )
+    with stage("write"):
+        write(
+            model,
+            state,
+            sorted(state),
+            then=lambda: hooks.sync(model),
+            restore=[hooks.snapshot(model)],
+        )
 
     params_after = count_params(model)
     report = Report(
@@ -591,8 +675,16 @@ def fold_decoder(
     )
     if synth_seconds is not None:
         report.extra["self_generation_seconds"] = synth_seconds
+    auto.record(report, config, auto_why)
+    with stage("self_check"):
+        self_check_after(report, model, check, config)
+    report.extra["stage_seconds"] = stage.seconds
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _sample(model: nn.Module, n: int, length: int, seed: int, start: str) -> torch.Tensor:
+    return self_generated_ids(model, n, length, seed, start=start)
 
 
 REFIT_ROWS_PER_CHANNEL = 4

@@ -146,6 +146,14 @@ def _repair_with_batch(ctx: RepairContext) -> None:
     repair_with_batch(ctx.model, ctx.batch, ctx.extra.get("targets", {}), reset_bn=True)
 
 
+register(
+    Repair(
+        "auto",
+        "nothing",
+        "the measured best data-free repair for the model, resolved before planning "
+        "(netfold.fold.auto)",
+    )
+)
 register(Repair("none", "nothing", "Fold-naive: merged tensors only"))
 register(
     Repair(

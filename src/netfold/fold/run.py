@@ -12,6 +12,7 @@ through :mod:`netfold.api` and :mod:`netfold.families`, which hand over groups a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..graph.groups import ChannelGroup
 from ..graph.surgery import Snapshot, apply_tensors, get_module
 from ..graph.trace import find_groups, infer_example_inputs
 from ..report import Report
+from . import auto
 from .checks import check_data, check_finite, check_patterns
 from .merge import ColumnShifts, TensorState, merge_group
 from .methods import GroupPlan, plan_group
@@ -126,7 +128,10 @@ def run(
     The repair is the registry entry ``config.repair`` (:mod:`netfold.fold.repairs`): what it
     needs is checked first, its ``prepare`` runs on the original model, its ``apply`` after
     the write under the snapshot. Groups with ``head_size`` > 1 fold whole heads, merged
-    plainly (the AR rescaling is per channel).
+    plainly (the AR rescaling is per channel). "auto" repair / allocation are resolved first
+    (:func:`netfold.fold.auto.resolve`); when "auto" chose ``repair="stats"`` and the moment
+    propagation does not support one of the model's operations, the fold runs with
+    :data:`~netfold.fold.auto.STATS_FALLBACK` instead and the Report warns.
 
     With ``family`` (encoders): ``groups`` are required, nothing is traced and FLOPs are not
     measured, the repair must be data-free, and the family's attributes and config follow.
@@ -134,6 +139,44 @@ def run(
     t0 = time.perf_counter() if t0 is None else t0
     if not isinstance(config, FoldConfig):
         raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
+    chose = config.repair == "auto"
+    kind = "encoder" if family is not None else "traced"
+    config, why = auto.resolve(model, config, kind, has_data=data is not None)
+    kw = dict(
+        example_inputs=example_inputs, data=data, synthetic=synthetic, groups=groups, family=family
+    )
+    try:
+        report = _run(model, config, progress=progress, auto_stats=chose, **kw)
+    except _StatsUnsupported as e:
+        config = dataclasses.replace(config, repair=auto.STATS_FALLBACK)
+        why = f"{why}; stats unsupported here, fell back to {auto.STATS_FALLBACK!r}"
+        report = _run(model, config, progress=progress, **kw)
+        report.warnings.append(
+            f"repair='auto' chose 'stats', which cannot propagate through this model ({e}); "
+            f"used repair={auto.STATS_FALLBACK!r} instead"
+        )
+    auto.record(report, config, why)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+class _StatsUnsupported(Exception):
+    """repair="stats", chosen by "auto", cannot handle the model (before anything changed)."""
+
+
+def _run(
+    model: nn.Module,
+    config: FoldConfig,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    data: Any,
+    synthetic: torch.Tensor | None,
+    groups: list[ChannelGroup] | None,
+    progress: bool,
+    family: FamilyHooks | None = None,
+    auto_stats: bool = False,
+) -> Report:
+    """:func:`run` with a concrete config (no "auto")."""
     repair = get_repair(config.repair)
     if family is not None and (repair.needs != "nothing" or not repair.families):
         ok = [
@@ -204,7 +247,12 @@ def run(
         progress=progress,
     )
     if todo and repair.prepare is not None:
-        repair.prepare(ctx)
+        try:
+            repair.prepare(ctx)
+        except ValueError as e:
+            if auto_stats and config.repair == "stats":
+                raise _StatsUnsupported(str(e)) from e
+            raise
 
     touched = sorted(
         ctx.state.keys()
@@ -240,7 +288,6 @@ def run(
     report = write(model, ctx.state, touched, then=then, restore=restore)
     if family is not None:
         family.sync(model, groups, widths)
-    report.seconds = time.perf_counter() - t0
     return report
 
 
