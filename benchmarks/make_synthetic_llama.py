@@ -146,7 +146,9 @@ def make_tensor(name: str, shape: tuple[int, ...], s: dict, seed: int) -> torch.
         sup = torch.randperm(n, generator=gb)[: max(1, n // 2000)]
         gain = 6.0 + 4.0 * torch.rand(sup.numel(), generator=gb)
         if name.endswith("down_proj.weight"):
-            w[:, copies] = w[:, src] * (1 + 0.1 * torch.randn(w.shape[0], copies.numel(), generator=g))
+            w[:, copies] = w[:, src] * (
+                1 + 0.1 * torch.randn(w.shape[0], copies.numel(), generator=g)
+            )
             w[:, sup] *= gain
         else:
             w[copies] = w[src] * (1 + 0.1 * torch.randn(copies.numel(), w.shape[1], generator=g))
@@ -160,10 +162,14 @@ def make_tensor(name: str, shape: tuple[int, ...], s: dict, seed: int) -> torch.
         for dst, src_h in pairs:
             if name.endswith("q_proj.weight"):
                 rows = w[src_h * hd : (src_h + 1) * hd]
-                w[dst * hd : (dst + 1) * hd] = rows * (1 + 0.1 * torch.randn(rows.shape, generator=g))
+                w[dst * hd : (dst + 1) * hd] = rows * (
+                    1 + 0.1 * torch.randn(rows.shape, generator=g)
+                )
             else:
                 cols = w[:, src_h * hd : (src_h + 1) * hd]
-                w[:, dst * hd : (dst + 1) * hd] = cols * (1 + 0.1 * torch.randn(cols.shape, generator=g))
+                w[:, dst * hd : (dst + 1) * hd] = cols * (
+                    1 + 0.1 * torch.randn(cols.shape, generator=g)
+                )
     return w
 
 
@@ -245,7 +251,9 @@ def write_checkpoint(
                 total += t.numel() * t.element_size()
             del tensors
             if progress:
-                print(f"  {fname}: {len(names)} tensors, {time.perf_counter() - t0:.1f} s", flush=True)
+                print(
+                    f"  {fname}: {len(names)} tensors, {time.perf_counter() - t0:.1f} s", flush=True
+                )
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

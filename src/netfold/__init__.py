@@ -12,6 +12,7 @@ from .io import load, save
 from .merge import MergeConfig, merge
 from .registry import register_arch
 from .report import GroupReport, Report
+from .scale import fold_folder
 
 __all__ = [
     "CollapseConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "collapse",
     "find_groups",
     "fold",
+    "fold_folder",
     "fuse",
     "load",
     "merge",

@@ -295,7 +295,9 @@ def fold_folder(
 
     meta = _meta_model(cfg, dtype)
     want = meta.state_dict()
-    tied = {k for k in want if k.startswith("lm_head.")} if cfg.get("tie_word_embeddings") else set()
+    tied = (
+        {k for k in want if k.startswith("lm_head.")} if cfg.get("tie_word_embeddings") else set()
+    )
     lost = [k for k in want if k not in ckpt.tensors and k not in tied]
     extra = [k for k in ckpt.tensors if k not in want]
     if lost or extra:
@@ -371,7 +373,9 @@ def fold_folder(
 
     work = S.WorkDir.beside(out)
     table = {n: [t.file, t.dtype, list(t.shape), t.start, t.end] for n, t in ckpt.tensors.items()}
-    fp = S.fingerprint(table, per_layer_cfg, [j.widths for j in jobs], threads, str(compute_dtype), device)
+    fp = S.fingerprint(
+        table, per_layer_cfg, [j.widths for j in jobs], threads, str(compute_dtype), device
+    )
     done = set(work.start(fp))
     jobs = [dataclasses.replace(j, work=str(work.path)) for j in jobs]
     todo = [j for j in jobs if j.layer not in done]
@@ -419,7 +423,9 @@ def fold_folder(
     costs = {g["name"]: g.get("cost") for info in infos for g in info.get("groups", [])}
     for g in groups:
         k = plan.get(g.name, g.size)
-        before, after = (g.num_heads, g.heads_for(k)[0]) if isinstance(g, HeadGroup) else (g.size, k)
+        before, after = (
+            (g.num_heads, g.heads_for(k)[0]) if isinstance(g, HeadGroup) else (g.size, k)
+        )
         i = int(g.name[len(prefix) :].split(".", 1)[0])
         local = f"{prefix}0." + g.name[len(f"{prefix}{i}.") :]
         report.groups.append(GroupReport(g.name, before, after, g.modules, costs.get(local), None))

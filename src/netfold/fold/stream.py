@@ -367,7 +367,9 @@ class WorkDir:
         if not plan.is_file():
             write_json(plan, {"fingerprint": fingerprint})
         return sorted(
-            int(p.name[6:11]) for p in self.path.glob("layer-*.safetensors") if p.name[6:11].isdigit()
+            int(p.name[6:11])
+            for p in self.path.glob("layer-*.safetensors")
+            if p.name[6:11].isdigit()
         )
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
@@ -494,9 +496,7 @@ def _run_ray(
     try:
         import ray
     except ImportError as e:
-        raise ImportError(
-            "ray_address needs ray: pip install 'netfold[distributed]'"
-        ) from e
+        raise ImportError("ray_address needs ray: pip install 'netfold[distributed]'") from e
     started = False
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, ignore_reinit_error=True)
@@ -551,7 +551,13 @@ def assemble(
             if i is None:
                 info = src.tensors[n]
                 entries.append(
-                    (n, info.dtype, info.shape, info.nbytes, _copy_range(src.folder / fname, info.start, info.nbytes))
+                    (
+                        n,
+                        info.dtype,
+                        info.shape,
+                        info.nbytes,
+                        _copy_range(src.folder / fname, info.start, info.nbytes),
+                    )
                 )
             else:
                 rfile = work.layer_file(i)
@@ -567,7 +573,9 @@ def assemble(
                 entries.append((n, r.dtype, r.shape, r.nbytes, write))
             weight_map[n] = fname
             total += entries[-1][3]
-        written += write_safetensors(out / fname, entries, src.metadata.get(fname) or {"format": "pt"})
+        written += write_safetensors(
+            out / fname, entries, src.metadata.get(fname) or {"format": "pt"}
+        )
     if len(src.files) > 1 or (src.folder / INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
