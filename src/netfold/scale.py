@@ -253,7 +253,8 @@ def fold_folder(
             must be reachable under the same paths from every node.
         threads: torch threads per layer job (default: this machine's cores / workers).
             Results are bit-identical for equal ``threads`` whatever the number of workers.
-        device: where each layer's fold runs ("cpu", "cuda", "cuda:i").
+        device: where each layer's k-means runs ("cpu", "cuda", "cuda:i"); weight features
+            and merges run on the CPU.
         compute_dtype: float32 (default, as the in-RAM fold of a loaded model) or float64.
         progress: print one line per finished layer.
         _stop_after: tests only: raise after this many layers were folded (a simulated kill).
@@ -294,6 +295,7 @@ def fold_folder(
     from .fold.checks import check_patterns
 
     meta = _meta_model(cfg, dtype)
+    params_before = count_params(meta)
     want = meta.state_dict()
     tied = (
         {k for k in want if k.startswith("lm_head.")} if cfg.get("tie_word_embeddings") else set()
@@ -367,7 +369,6 @@ def fold_folder(
     sync_decoder(meta)
     out_cfg, note = _saved_config(meta)
     out_cfg.dtype = dtype
-    params_before = count_params(_meta_model(cfg, dtype))
     params_after = count_params(meta)
     emb = D.embedding_params(meta)
 

@@ -9,10 +9,12 @@ Linear parts) and the new tensors are re-fused by :func:`~netfold.fold.views.wri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,7 +28,8 @@ from ..graph.surgery import get_module
 from ..report import GroupReport, Report
 from . import llm as L
 from .checks import check_finite, check_patterns
-from .cluster import canonical, cluster_with
+from .cluster import Clustering, canonical, cluster_with
+from .kmeans import kmeans
 from .magnitude import magnitude_keep
 from .merge import TensorState
 from .plan import MAX_RATIO, bisect_ratio, width_for
@@ -611,7 +614,11 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             x = inputs[g.name] if inputs is not None else None
-            c = _cluster_protected(_mlp_cluster_features(view, g, feats, x), k, prot, config)
+            X = _mlp_cluster_features(view, g, feats, x)
+            # _cluster computes in float32 above 64 rows: cast first, so the float64 copy of
+            # a 7B-size feature matrix (1 GB) is freed before clustering (same values)
+            c = _cluster_protected(X.float() if X.shape[0] > 64 else X, k, prot, config)
+            del X
             z, how = None, correction
             if inputs is not None and refit:
                 z = inputs[g.name]
@@ -697,6 +704,42 @@ def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: Fold
     return type(c)(canonical(labels), c.cost)
 
 
+# Groups of at least this many channels (a Llama-2-7B MLP: 11008) run one k-means on a
+# seeded random projection to LARGE_PROJECTION dims, refined exactly in the full space
+# (kmeans(projection_dim=...)): the exact Gram search with n_init restarts costs n^2 d per
+# restart there (minutes per layer on a CPU). Smaller groups (SmolLM2: 1536) stay exact.
+# The in-RAM fold and the streaming fold (fold/stream.py) share this rule.
+LARGE_GROUP = 4096
+LARGE_PROJECTION = 256
+_device: contextvars.ContextVar[str | None] = contextvars.ContextVar("cluster_device", default=None)
+
+
+@contextlib.contextmanager
+def cluster_device(device: str | torch.device | None) -> Iterator[None]:
+    """Run the k-means of folds inside this block on ``device`` (labels come back to CPU)."""
+    token = _device.set(None if device is None else str(device))
+    try:
+        yield
+    finally:
+        _device.reset(token)
+
+
 def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
     # float32 distances once there are enough rows for it to matter (a 7B MLP layer)
-    return cluster_with(X.float() if X.shape[0] > 64 else X, k, config)
+    X = X.float() if X.shape[0] > 64 else X
+    dev = _device.get()
+    if dev is not None:
+        X = X.to(dev)
+    if config.method == "kmeans" and X.shape[0] >= LARGE_GROUP and 1 < k < X.shape[0]:
+        res = kmeans(
+            X,
+            k,
+            n_init=1,
+            max_iter=config.max_iter,
+            tol=config.tol,
+            seed=config.seed,
+            projection_dim=LARGE_PROJECTION,
+        )
+        return Clustering(canonical(res.labels.cpu()), float(res.inertia))
+    c = cluster_with(X, k, config)
+    return Clustering(c.labels.cpu(), c.cost)

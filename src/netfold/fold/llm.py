@@ -157,6 +157,46 @@ def gaussian_inputs(hidden: int, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, hidden, generator=g, dtype=DT)
 
 
+# n * k above which a clustering is applied with index ops instead of dense one-hot matrices:
+# a Llama-2-7B MLP folded to 80% (11008 x 8806) would need two 775 MB float64 matrices and
+# 8e11-flop matmuls per projection. Below it the dense form is kept (same results as before).
+DENSE_MAP_MAX = 1 << 24
+
+
+class ClusterMap:
+    """A clustering of ``n`` channels into ``k`` as the maps the merges apply.
+
+    ``mean(r)`` is ``A @ r`` (each cluster's mean row), ``sum_cols(d, w)`` is ``d @ (U * w)``
+    (each cluster's weighted column sum), ``sizes`` is ``U.sum(0)``; dense matrices for small
+    ``n * k``, ``index_add_`` (O(n) work instead of O(n k)) above :data:`DENSE_MAP_MAX`.
+    """
+
+    def __init__(self, labels: torch.Tensor, k: int, dtype: torch.dtype = DT) -> None:
+        self.labels, self.k = labels, k
+        self.dense = labels.numel() * k <= DENSE_MAP_MAX
+        if self.dense:
+            self.U, self.A = cluster_matrices(labels, k, dtype)
+            self.sizes = self.U.sum(0)
+        else:
+            self.sizes = torch.bincount(labels, minlength=k).to(dtype)
+            if bool((self.sizes == 0).any()):
+                raise ValueError("clustering left an empty cluster")
+
+    def mean(self, r: torch.Tensor) -> torch.Tensor:
+        """(n, ...) rows -> (k, ...) cluster means."""
+        if self.dense:
+            return self.A @ r
+        out = torch.zeros((self.k, *r.shape[1:]), dtype=r.dtype).index_add_(0, self.labels, r)
+        return out / self.sizes.to(r.dtype).view(-1, *([1] * (r.dim() - 1)))
+
+    def sum_cols(self, d: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """(h, n) columns (times per-column weights ``w`` (n,)) -> (h, k) cluster sums."""
+        if self.dense:
+            return d @ (self.U if w is None else self.U * w[:, None])
+        dd = d if w is None else d * w[None, :]
+        return torch.zeros(d.shape[0], self.k, dtype=d.dtype).index_add_(1, self.labels, dd)
+
+
 def merge_mlp(
     state: TensorState,
     model: nn.Module,
@@ -177,16 +217,16 @@ def merge_mlp(
             MLP inputs (S, hidden); refits down_proj by ridge least squares).
     """
     down_n = g.consumers[0].module
-    U, A = cluster_matrices(labels, k, DT)
+    cmap = ClusterMap(labels, k, DT)
     rows = _rows(model, g)
     biases = _biases(model, g)
     down = _get(state, model, down_n, "weight").to(DT)  # (h, I)
-    new = [A @ r for r in rows]
-    new_b = tuple(None if b is None else A @ b for b in biases)
-    N = U.sum(0)
+    new = [cmap.mean(r) for r in rows]
+    new_b = tuple(None if b is None else cmap.mean(b) for b in biases)
+    N = cmap.sizes
     if correction == "scale":
         for i, r in enumerate(rows):
-            f = torch.sqrt((A @ (r * r).sum(1)) / (new[i] * new[i]).sum(1).clamp_min(1e-30))
+            f = torch.sqrt((cmap.mean((r * r).sum(1))) / (new[i] * new[i]).sum(1).clamp_min(1e-30))
             f = torch.minimum(f.clamp_min(1.0), N.sqrt())
             new[i] = new[i] * f[:, None]
     if correction in ("lsq", "data"):
@@ -206,14 +246,14 @@ def merge_mlp(
             num = (h_o * h_m[:, labels]).sum(0)  # (I,)
             den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
             a = torch.where(den > 1e-20, num / den, torch.ones_like(num))
-            d_new = down @ (U * a[:, None])
+            d_new = cmap.sum_cols(down, a)
         else:
             c_mm = h_m.t() @ h_m
             c_om = h_o.t() @ h_m
             lam = ridge * float(torch.diagonal(c_mm).mean().clamp_min(1e-30))
             d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), (down @ c_om).t()).t()
     else:
-        d_new = down @ U
+        d_new = cmap.sum_cols(down)
     dt = _w(model, g.producers[0]).dtype
     for p, w, b in zip(g.producers, new, new_b):
         _put(state, p, "weight", w.to(dt))

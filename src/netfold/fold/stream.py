@@ -45,7 +45,7 @@ import torch.nn as nn
 from ..atomic import fsync_dir, write_json
 from ..config import FoldConfig
 from ..report import Report
-from .decoder import DecoderHooks, fold_decoder
+from .decoder import DecoderHooks, cluster_device, fold_decoder
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -274,7 +274,8 @@ class LayerJob:
         fold_config: :meth:`FoldConfig.to_dict` of the per-layer config.
         threads: torch threads of the job (fixed, so results do not depend on the mode).
         compute_dtype: "float32" or "float64": the dtype the fold math runs in.
-        device: where the fold runs ("cpu", "cuda", "cuda:1").
+        device: where the layer's k-means runs ("cpu", "cuda", "cuda:1"); features and
+            merges stay on the CPU.
     """
 
     src: str
@@ -314,10 +315,9 @@ def fold_layer(
     del stored
     model = build(job.model_config, job.layer, local, dt)
     del local
-    if job.device != "cpu":
-        model.to(job.device)
     config = FoldConfig.from_dict(job.fold_config)
-    report = fold_decoder(model, config, hooks, widths=dict(job.widths))
+    with cluster_device(None if job.device == "cpu" else job.device):
+        report = fold_decoder(model, config, hooks, widths=dict(job.widths))
     back = {v: k for k, v in job.tensors.items()}
     out = {}
     for name, t in model.state_dict().items():
