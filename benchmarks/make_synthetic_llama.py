@@ -25,7 +25,7 @@ The weights are random but not featureless, so clustering has something to find:
 - RMSNorm weights are 1 + N(0, 0.05^2) (near 1); embeddings N(0, 0.02^2).
 
 Every tensor comes from its own generator seeded by (seed, tensor name), so any subset of the
-model can be regenerated and the output is identical whatever the shard size. Only one shard is
+model can be regenerated and the output is identical whatever the shard size. Only one tensor is
 held in memory at a time; the folder is written as a temporary sibling and renamed into place.
 """
 
@@ -173,6 +173,17 @@ def make_tensor(name: str, shape: tuple[int, ...], s: dict, seed: int) -> torch.
     return w
 
 
+def tensor_chunks(name: str, shape: tuple[int, ...], s: dict, seed: int):
+    """``make_tensor`` in row blocks for the embedding / head (a 128k x 4096 float32 table is
+    2 GB); other tensors whole. The blocks come from the same seeded generator, in order."""
+    if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+        yield make_tensor(name, shape, s, seed)
+        return
+    g = _gen(seed, name)
+    for r in range(0, shape[0], 8192):
+        yield 0.02 * torch.randn((min(8192, shape[0] - r), *shape[1:]), generator=g)
+
+
 def shard_plan(
     shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_bytes: int
 ) -> list[list[str]]:
@@ -207,10 +218,10 @@ def write_checkpoint(
     Raises:
         ValueError: ``out`` exists, or inconsistent shape fields.
     """
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     from netfold.atomic import atomic_directory
+    from netfold.fold.stream import ST_NAMES, tensor_bytes, write_safetensors
 
     out = Path(out)
     if out.exists():
@@ -244,12 +255,19 @@ def write_checkpoint(
     with atomic_directory(out) as tmp:
         for names, fname in zip(plan, files):
             t0 = time.perf_counter()
-            tensors = {n: make_tensor(n, by_name[n], s, seed).to(dtype) for n in names}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            for n, t in tensors.items():
+            entries = []
+            for n in names:
+                nbytes = itemsize * int(torch.Size(by_name[n]).numel())
+
+                def write(f, n=n) -> None:
+                    for block in tensor_chunks(n, by_name[n], s, seed):
+                        f.write(tensor_bytes(block.to(dtype)))
+
+                entries.append((n, ST_NAMES[dtype], by_name[n], nbytes, write))
                 weight_map[n] = fname
-                total += t.numel() * t.element_size()
-            del tensors
+                total += nbytes
+            # tensor by tensor: one tensor in memory at a time, not the shard
+            write_safetensors(tmp / fname, entries, {"format": "pt"})
             if progress:
                 print(
                     f"  {fname}: {len(names)} tensors, {time.perf_counter() - t0:.1f} s", flush=True

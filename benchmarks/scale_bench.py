@@ -231,7 +231,9 @@ def part_shape(shape: str, args, log) -> dict:
     load1 = os.getloadavg()
     ex = res["extra"]
     secs = [s for s in ex["layer_seconds"] if s is not None]
-    log(f"{shape}: {res['seconds']:.0f} s, peak {res['peak_rss_gb']} GB, layer {sum(secs) / len(secs):.1f} s")
+    log(
+        f"{shape}: {res['seconds']:.0f} s, peak {res['peak_rss_gb']} GB, layer {sum(secs) / len(secs):.1f} s"
+    )
     ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     with RssSampler(os.getpid()) as s:

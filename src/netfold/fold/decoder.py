@@ -709,7 +709,7 @@ def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: Fold
 # (kmeans(projection_dim=...)): the exact Gram search with n_init restarts costs n^2 d per
 # restart there (minutes per layer on a CPU). Smaller groups (SmolLM2: 1536) stay exact.
 # The in-RAM fold and the streaming fold (fold/stream.py) share this rule.
-LARGE_GROUP = 4096
+LARGE_GROUP = L.LARGE_GROUP
 LARGE_PROJECTION = 256
 _device: contextvars.ContextVar[str | None] = contextvars.ContextVar("cluster_device", default=None)
 

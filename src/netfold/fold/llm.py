@@ -63,13 +63,26 @@ def _scale(model: nn.Module, g: ChannelGroup | HeadGroup, hidden: int) -> torch.
     return input_scale(model, g.input_norm, hidden, g.norm_offset)
 
 
-def _rows(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor, ...]:
-    """Producer weights of an MLP group, float64: (gate, up) for a gated MLP, (fc1,) plain."""
-    return tuple(_w(model, p).to(DT) for p in g.producers)
+# MLP groups of at least this many channels (a 7B-size MLP: 11008) compute their features,
+# gains and merges in float32: the float64 copies of one such layer's weights (2 GB and more)
+# would dominate the memory of a layer-by-layer fold. Smaller groups keep float64.
+LARGE_GROUP = 4096
 
 
-def _biases(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor | None, ...]:
-    return tuple(None if (b := _b(model, p)) is None else b.to(DT) for p in g.producers)
+def work_dtype(g: ChannelGroup) -> torch.dtype:
+    """The dtype the MLP math of group ``g`` runs in (float64; float32 for large groups)."""
+    return torch.float32 if g.size >= LARGE_GROUP else DT
+
+
+def _rows(model: nn.Module, g: ChannelGroup, dt: torch.dtype = DT) -> tuple[torch.Tensor, ...]:
+    """Producer weights of an MLP group in ``dt``: (gate, up) for a gated MLP, (fc1,) plain."""
+    return tuple(_w(model, p).to(dt) for p in g.producers)
+
+
+def _biases(
+    model: nn.Module, g: ChannelGroup, dt: torch.dtype = DT
+) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if (b := _b(model, p)) is None else b.to(dt) for p in g.producers)
 
 
 def mlp_hidden(
@@ -94,13 +107,15 @@ def mlp_features(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
 
     Gated: [gate * s | up * s | down], (I, 3h); plain: [fc1 * s | fc1 bias | down]. ``s`` is
     the norm scale in front of the MLP: rows are compared as they act on the normalised stream.
+    Float64, or float32 for groups of :data:`LARGE_GROUP` channels and more.
     """
-    rows = _rows(model, g)
-    s = _scale(model, g, rows[0].shape[1])
+    dt = work_dtype(g)
+    rows = _rows(model, g, dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
     cols = [r * s for r in rows]
-    cols += [b[:, None] for b in _biases(model, g) if b is not None]
+    cols += [b[:, None] for b in _biases(model, g, dt) if b is not None]
     for c in g.consumers:
-        cols.append(_w(model, c.module).to(DT).t())
+        cols.append(_w(model, c.module).to(dt).t())
     return torch.cat(cols, 1)
 
 
@@ -135,9 +150,10 @@ def channel_gain(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     A few channels ("super weights") have gains tens of times the median; they create the
     massive activations that attention sinks rely on, and merging them breaks the model.
     """
-    rows = _rows(model, g)
-    down = _w(model, g.consumers[0].module).to(DT)
-    s = _scale(model, g, rows[0].shape[1])
+    dt = work_dtype(g)
+    rows = _rows(model, g, dt)
+    down = _w(model, g.consumers[0].module).to(dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
     gain = down.norm(dim=0)
     for r in rows:
         gain = gain * (r * s).norm(dim=1)
@@ -217,10 +233,11 @@ def merge_mlp(
             MLP inputs (S, hidden); refits down_proj by ridge least squares).
     """
     down_n = g.consumers[0].module
-    cmap = ClusterMap(labels, k, DT)
-    rows = _rows(model, g)
-    biases = _biases(model, g)
-    down = _get(state, model, down_n, "weight").to(DT)  # (h, I)
+    wdt = work_dtype(g)
+    cmap = ClusterMap(labels, k, wdt)
+    rows = _rows(model, g, wdt)
+    biases = _biases(model, g, wdt)
+    down = _get(state, model, down_n, "weight").to(wdt)  # (h, I)
     new = [cmap.mean(r) for r in rows]
     new_b = tuple(None if b is None else cmap.mean(b) for b in biases)
     N = cmap.sizes
@@ -246,12 +263,13 @@ def merge_mlp(
             num = (h_o * h_m[:, labels]).sum(0)  # (I,)
             den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
             a = torch.where(den > 1e-20, num / den, torch.ones_like(num))
-            d_new = cmap.sum_cols(down, a)
+            d_new = cmap.sum_cols(down, a.to(wdt))
         else:
             c_mm = h_m.t() @ h_m
             c_om = h_o.t() @ h_m
             lam = ridge * float(torch.diagonal(c_mm).mean().clamp_min(1e-30))
-            d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), (down @ c_om).t()).t()
+            rhs = (down.to(DT) @ c_om).t()
+            d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), rhs).t()
     else:
         d_new = cmap.sum_cols(down)
     dt = _w(model, g.producers[0]).dtype

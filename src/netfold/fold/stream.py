@@ -119,7 +119,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return table, meta
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of ``t`` (CPU, contiguous) as safetensors stores them."""
     t = t.detach().contiguous().cpu()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -568,7 +569,7 @@ def assemble(
 
                 def write(f, rfile=rfile, n=n) -> None:
                     with safe_open(str(rfile), framework="pt") as h:
-                        f.write(_tensor_bytes(h.get_tensor(n)))
+                        f.write(tensor_bytes(h.get_tensor(n)))
 
                 entries.append((n, r.dtype, r.shape, r.nbytes, write))
             weight_map[n] = fname
