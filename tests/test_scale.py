@@ -292,3 +292,50 @@ def test_cli_stream(ckpts, tmp_path, capsys):
     ref = tmp_path / "api"
     fold_folder(ckpts["bf16"], ref, netfold.FoldConfig(ratio=0.25), threads=1)
     assert _files(out) == _files(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_smollm2_stream_equals_in_ram(tmp_path):
+    from netfold.hub import SMOLLM2_CACHE
+
+    if not (SMOLLM2_CACHE / "config.json").is_file():
+        pytest.skip(f"no SmolLM2 export at {SMOLLM2_CACHE} (netfold.hub.load_smollm2 makes it)")
+    cfg = netfold.FoldConfig(target_sparsity=0.2)
+    fold_folder(SMOLLM2_CACHE, tmp_path / "o", cfg, threads=1)
+    ref = _in_ram(SMOLLM2_CACHE, cfg)
+    _assert_same_state(ref.state_dict(), load_pretrained(tmp_path / "o").state_dict())
+
+
+def test_large_group_projection_matches_full_features(tmp_path):
+    """Groups of >= LARGE_GROUP channels cluster on projected weight features that are never
+    formed; the projection and the exact cost must equal the ones from the full matrix."""
+    from netfold.families.llama import HOOKS, overlay
+    from netfold.fold import llm as L
+    from netfold.fold.cluster import folding_cost
+
+    g = _generator()
+    shape = dict(TINY, hidden_size=32, intermediate_size=L.LARGE_GROUP, num_hidden_layers=2)
+    src = g.write_checkpoint(tmp_path / "wide", shape, dtype=torch.float32)
+    model = load_pretrained(src)
+    grp = [x for x in HOOKS.groups(model, "query") if x.name.endswith("0.mlp")][0]
+    view = overlay(model)
+    X = L.mlp_features(view, grp)  # (4096, 96) float32 (a large group)
+    assert X.dtype == torch.float32
+    p = 16
+    gen = torch.Generator().manual_seed(3)
+    R = torch.cat([torch.randn(32, p, generator=gen) for _ in range(3)])  # gate, up, down
+    Z = L.mlp_projected_features(view, grp, p, seed=3)
+    torch.testing.assert_close(Z, X @ R / p**0.5, rtol=1e-4, atol=1e-6)
+    labels = torch.arange(grp.size) % 1000
+    assert L.mlp_folding_cost(view, grp, labels, 1000) == pytest.approx(
+        folding_cost(X, labels, 1000), rel=1e-5
+    )
+    # negative control: another seed projects differently
+    assert not torch.allclose(Z, L.mlp_projected_features(view, grp, p, seed=4))
+    # the streaming fold takes the same large-group path as the in-RAM fold: same bytes
+    cfg = netfold.FoldConfig(target_sparsity=0.2)
+    fold_folder(src, tmp_path / "o", cfg, threads=1)
+    ref = _in_ram(src, cfg)
+    _assert_same_state(ref.state_dict(), load_pretrained(tmp_path / "o").state_dict())
+    assert ref.config.intermediate_size < L.LARGE_GROUP

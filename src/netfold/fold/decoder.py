@@ -614,11 +614,17 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             x = inputs[g.name] if inputs is not None else None
-            X = _mlp_cluster_features(view, g, feats, x)
-            # _cluster computes in float32 above 64 rows: cast first, so the float64 copy of
-            # a 7B-size feature matrix (1 GB) is freed before clustering (same values)
-            c = _cluster_protected(X.float() if X.shape[0] > 64 else X, k, prot, config)
-            del X
+            if feats == "weights" and config.method == "kmeans" and g.size >= LARGE_GROUP:
+                # a 7B-size MLP: k-means on a seeded projection of the weight features (never
+                # formed: L.mlp_projected_features), the cost J exact in the full space
+                Z = L.mlp_projected_features(view, g, LARGE_PROJECTION, config.seed)
+                c = _cluster_protected(Z, k, prot, config, _cluster_projected)
+                c = type(c)(c.labels, L.mlp_folding_cost(view, g, c.labels, k))
+                del Z
+            else:
+                X = _mlp_cluster_features(view, g, feats, x)
+                c = _cluster_protected(X, k, prot, config)
+                del X
             z, how = None, correction
             if inputs is not None and refit:
                 z = inputs[g.name]
@@ -689,15 +695,21 @@ def _refit_kind(refit: str, rows: int, k: int) -> str:
     return "data" if refit == "full" else "lsq"
 
 
-def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig):
-    """Cluster rows of X into k clusters, each protected row alone in its own cluster."""
+def _cluster_protected(
+    X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig, how: Callable | None = None
+):
+    """Cluster rows of X into k clusters, each protected row alone in its own cluster.
+
+    ``how``: the clustering call ``(X, k, config) -> Clustering`` (default :func:`_cluster`).
+    """
+    how = how or _cluster
     n = X.shape[0]
     if prot.numel() == 0 or k <= prot.numel():
-        return _cluster(X, k, config)
+        return how(X, k, config)
     rest = torch.ones(n, dtype=torch.bool)
     rest[prot] = False
     idx = rest.nonzero().flatten()
-    c = _cluster(X[idx], k - prot.numel(), config)
+    c = how(X[idx], k - prot.numel(), config)
     labels = torch.empty(n, dtype=torch.long)
     labels[idx] = c.labels
     labels[prot] = torch.arange(k - prot.numel(), k)
@@ -705,10 +717,12 @@ def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: Fold
 
 
 # Groups of at least this many channels (a Llama-2-7B MLP: 11008) run one k-means on a
-# seeded random projection to LARGE_PROJECTION dims, refined exactly in the full space
-# (kmeans(projection_dim=...)): the exact Gram search with n_init restarts costs n^2 d per
-# restart there (minutes per layer on a CPU). Smaller groups (SmolLM2: 1536) stay exact.
-# The in-RAM fold and the streaming fold (fold/stream.py) share this rule.
+# seeded random projection to LARGE_PROJECTION dims: the exact Gram search with n_init
+# restarts costs n^2 d per restart there (minutes per layer on a CPU) and the float32 feature
+# matrix alone is 541 MB. Weight features are projected without being formed and clustered
+# exactly in the projection (_cluster_projected); other features (activations) use
+# kmeans(projection_dim=...), refined in the full space. Smaller groups (SmolLM2: 1536) stay
+# exact. The in-RAM fold and the streaming fold (fold/stream.py) share this rule.
 LARGE_GROUP = L.LARGE_GROUP
 LARGE_PROJECTION = 256
 _device: contextvars.ContextVar[str | None] = contextvars.ContextVar("cluster_device", default=None)
@@ -722,6 +736,20 @@ def cluster_device(device: str | torch.device | None) -> Iterator[None]:
         yield
     finally:
         _device.reset(token)
+
+
+def _cluster_projected(Z: torch.Tensor, k: int, config: FoldConfig) -> Clustering:
+    """One seeded k-means run on already projected features Z (n, p); cost in Z's space."""
+    dev = _device.get()
+    res = kmeans(
+        Z if dev is None else Z.to(dev),
+        k,
+        n_init=1,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        seed=config.seed,
+    )
+    return Clustering(canonical(res.labels.cpu()), float(res.inertia))
 
 
 def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
