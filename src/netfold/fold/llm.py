@@ -160,8 +160,9 @@ def mlp_folding_cost(model: nn.Module, g: ChannelGroup, labels: torch.Tensor, k:
     for make in blocks:
         B = make()
         sums = torch.zeros(k, B.shape[1], dtype=B.dtype).index_add_(0, labels, B)
-        total += float((B.double() ** 2).sum()) - float(
-            ((sums.double() ** 2).sum(1) / counts).sum()
+        # squares in the block's dtype, sums accumulated in float64 (no float64 copies)
+        total += float((B * B).sum(dtype=torch.float64)) - float(
+            ((sums * sums).sum(1, dtype=torch.float64) / counts).sum()
         )
     return max(total, 0.0)
 
