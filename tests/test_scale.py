@@ -294,6 +294,22 @@ def test_cli_stream(ckpts, tmp_path, capsys):
     assert _files(out) == _files(ref)
 
 
+def test_cli_streams_when_the_model_would_not_fit(ckpts, tmp_path, capsys, monkeypatch):
+    import netfold.scale
+    from netfold.cli import main
+
+    monkeypatch.setattr(netfold.scale, "available_memory", lambda: 1000)
+    out = tmp_path / "auto"
+    assert (
+        main(["fold", str(ckpts["bf16"]), "--out", str(out), "--ratio", "0.25", "--threads", "1"])
+        == 0
+    )
+    assert "would not fit in memory" in capsys.readouterr().out
+    ref = tmp_path / "api"
+    fold_folder(ckpts["bf16"], ref, netfold.FoldConfig(ratio=0.25), threads=1)
+    assert _files(out) == _files(ref)
+
+
 @pytest.mark.slow
 @pytest.mark.real
 def test_smollm2_stream_equals_in_ram(tmp_path):
