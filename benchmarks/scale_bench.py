@@ -4,6 +4,7 @@ Run (late, on a quiet machine; it generates ~30 GB of synthetic checkpoints):
     PYTHONPATH=src python benchmarks/scale_bench.py                       # everything
     PYTHONPATH=src python benchmarks/scale_bench.py --parts llama2-7b     # one part
     PYTHONPATH=src python benchmarks/scale_bench.py --parts ray smollm2 --keep
+    PYTHONPATH=src python benchmarks/scale_bench.py --parts llama3-8b --layers-8b 8
 
 Parts (results merge into benchmarks/results/scale.json, one key per part):
 
@@ -100,15 +101,19 @@ class RssSampler:
         self._t.join()
 
 
-def _ensure_checkpoint(shape: str, log) -> tuple[Path, float | None]:
+def _ensure_checkpoint(shape: str, log, layers: int | None = None) -> tuple[Path, float | None]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import make_synthetic_llama as g
 
+    spec = dict(g.SHAPES[shape])
     d = SYNTH / shape
+    if layers:
+        spec["num_hidden_layers"] = layers
+        d = SYNTH / f"{shape}-{layers}layers"
     if (d / "config.json").is_file():
         return d, None
     t0 = time.perf_counter()
-    g.write_checkpoint(d, g.SHAPES[shape], progress=True)
+    g.write_checkpoint(d, spec, progress=True)
     dt = time.perf_counter() - t0
     log(f"{shape}: wrote {d} in {dt:.0f} s")
     return d, dt
@@ -223,7 +228,8 @@ def layerwise_logits(folder: Path, ids):
 def part_shape(shape: str, args, log) -> dict:
     import torch
 
-    src, gen_seconds = _ensure_checkpoint(shape, log)
+    layers = args.layers_8b if shape == "llama3-8b" else None
+    src, gen_seconds = _ensure_checkpoint(shape, log, layers)
     out = SYNTH / f"{shape}-folded"
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()
@@ -254,6 +260,16 @@ def part_shape(shape: str, args, log) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     return {
         "source": str(src),
+        "layers_folded": len(secs),
+        "note": (
+            f"{len(secs)} of the shape's 32 layers (same per-layer shapes and full vocabulary); "
+            "total_seconds_projected_32_layers scales the layer time"
+            if layers
+            else None
+        ),
+        "total_seconds_projected_32_layers": (
+            res["seconds"] - sum(secs) + 32 * sum(secs) / len(secs) if layers else res["seconds"]
+        ),
         "generation_seconds": gen_seconds,
         "target_sparsity": args.sparsity,
         "threads": args.threads,
@@ -387,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep folded outputs and checkpoints")
+    p.add_argument(
+        "--layers-8b", type=int, help="fold a Llama-3-8B shape with this many layers (time)"
+    )
     p.add_argument("--out", default=str(RESULTS))
     # child mode (one fold, measured from the parent)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
