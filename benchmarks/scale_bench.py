@@ -205,13 +205,15 @@ def layerwise_logits(folder: Path, ids):
     if per_layer:
         sync_decoder(model)
     rot = type(model.model.rotary_emb)(config=cfg)  # real buffers (built on CPU)
-    top = [n for n in ck.tensors if not n.startswith("model.layers.")]
-    state = {k: v.float() for k, v in ck.read(top).items()}
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=False, assign=True)
+    # embedding and head stay in the stored dtype (a 128k-row float32 table is 2 GB)
+    emb = ck.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    head = (
+        emb if "lm_head.weight" not in ck.tensors else ck.read(["lm_head.weight"])["lm_head.weight"]
+    )
+    norm = ck.read(["model.norm.weight"])["model.norm.weight"].float()
+    model.model.norm.load_state_dict({"weight": norm}, assign=True)
     with torch.no_grad():
-        h = model.model.embed_tokens(ids)
+        h = torch.nn.functional.embedding(ids, emb).float()
         pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
         pe = rot(h, pos)
         for i, layer in enumerate(model.model.layers):
@@ -221,7 +223,10 @@ def layerwise_logits(folder: Path, ids):
             out = layer(h, position_embeddings=pe, position_ids=pos)
             h = out[0] if isinstance(out, tuple) else out
             model.model.layers[i] = torch.nn.Identity()  # free the layer
-        logits = model.lm_head(model.model.norm(h))
+        h = model.model.norm(h)
+        logits = torch.cat(
+            [h @ head[r : r + 8192].float().t() for r in range(0, head.shape[0], 8192)], -1
+        )
     return logits
 
 
