@@ -402,6 +402,32 @@ def part_smollm2(args, log) -> dict:
     }
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/scale.md, from the results JSON."""
+    rows = [
+        "| model | layers folded | peak RSS | s / layer (mean, max) | total | bytes read / written "
+        "| non-emb. sparsity | reload check | load avg (1 min) before / after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part in SHAPE_PARTS:
+        r = results.get(part)
+        if not r:
+            continue
+        chk = r["reload_check"]
+        total = f"{r['total_seconds'] / 60:.1f} min"
+        if r.get("note"):
+            total += f" ({r['total_seconds_projected_32_layers'] / 60:.1f} min for 32 layers)"
+        rows.append(
+            f"| {part}-shaped, bf16 | {r['layers_folded']} | {r['peak_rss_gb']:.2f} GB "
+            f"| {r['layer_seconds_mean']:.0f}, {r['layer_seconds_max']:.0f} | {total} "
+            f"| {r['bytes_read_layers'] / 1e9:.1f} / {r['bytes_written'] / 1e9:.1f} GB "
+            f"| {r['non_embedding_sparsity']:.3f} | finite {chk['finite']}, rel. logit error "
+            f"{chk['relative_logit_error']:.3f} | {r['loadavg_before'][0]:.1f} / "
+            f"{r['loadavg_after'][0]:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="*", default=[*SHAPE_PARTS, "ray", "smollm2"])
@@ -417,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--table", action="store_true", help="print the docs table and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return 0
     if a.child:
         a.out = a.out
         return _child_fold(a)
