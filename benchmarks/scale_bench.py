@@ -418,7 +418,7 @@ def table(results: dict) -> str:
         if r.get("note"):
             total += f" ({r['total_seconds_projected_32_layers'] / 60:.1f} min for 32 layers)"
         rows.append(
-            f"| {part}-shaped, bf16 | {r['layers_folded']} | {r['peak_rss_gb']:.2f} GB "
+            f"| {part}-shaped, bf16 | {r.get('layers_folded', len(r['layer_seconds']))} | {r['peak_rss_gb']:.2f} GB "
             f"| {r['layer_seconds_mean']:.0f}, {r['layer_seconds_max']:.0f} | {total} "
             f"| {r['bytes_read_layers'] / 1e9:.1f} / {r['bytes_written'] / 1e9:.1f} GB "
             f"| {r['non_embedding_sparsity']:.3f} | finite {chk['finite']}, rel. logit error "
