@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -451,13 +450,4 @@ def fold_folder(
         save_format="stock config" if note is None else "netfold extension",
     )
     report.seconds = time.perf_counter() - t0
-    return report
-
-
-def fold_folder_cli(
-    src: str, out: str, config: FoldConfig, print_fn: Callable[[str], None] = print, **kw: Any
-) -> Report:
-    """:func:`fold_folder` with one printed line per layer and the Report at the end."""
-    report = fold_folder(src, out, config, progress=True, **kw)
-    print_fn(str(report))
     return report
