@@ -355,3 +355,27 @@ def test_large_group_projection_matches_full_features(tmp_path):
     ref = _in_ram(src, cfg)
     _assert_same_state(ref.state_dict(), load_pretrained(tmp_path / "o").state_dict())
     assert ref.config.intermediate_size < L.LARGE_GROUP
+
+
+def test_cluster_map_index_form_equals_dense(monkeypatch):
+    """Large clusterings apply their maps with index sums; same results as the dense form."""
+    from netfold.fold import llm as L
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.arange(40), torch.randint(0, 40, (60,), generator=gen)])
+    r = torch.randn(100, 7, dtype=torch.float64, generator=gen)
+    d = torch.randn(5, 100, dtype=torch.float64, generator=gen)
+    w = torch.rand(100, dtype=torch.float64, generator=gen)
+    dense = L.ClusterMap(labels, 40)
+    assert dense.dense
+    monkeypatch.setattr(L, "DENSE_MAP_MAX", 0)
+    sparse = L.ClusterMap(labels, 40)
+    assert not sparse.dense
+    torch.testing.assert_close(sparse.mean(r), dense.mean(r), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.mean(r[:, 0]), dense.mean(r[:, 0]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.sum_cols(d, w), dense.sum_cols(d, w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.sizes, dense.sizes)
+    # negative control: a different clustering gives different means
+    assert not torch.allclose(L.ClusterMap(labels.roll(1), 40).mean(r), dense.mean(r))
+    with pytest.raises(ValueError, match="empty cluster"):
+        L.ClusterMap(labels, 41)
