@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown part {part!r}")
         results[part]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        results[part]["command"] = results["command"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     return 0
