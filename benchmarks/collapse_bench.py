@@ -46,7 +46,6 @@ import dataclasses
 import datetime as dt
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,30 +53,19 @@ from pathlib import Path
 import torch
 
 import netfold
+from netfold.bench import meta
 from netfold.collapse import CollapseConfig, collapse_layers, finetune, prepare
 from netfold.eval.cost import count_params
-from netfold.eval.latency import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def header(args: argparse.Namespace) -> dict:
-    info = machine_info()
-    info.update(torch_threads=torch.get_num_threads())
     return {
-        "command": "python " + " ".join(sys.argv),
-        "git": git_rev(),
-        "git_dirty": bool(
-            subprocess.run(["git", "diff", "--quiet"], capture_output=True).returncode
-        ),
-        "machine": info,
+        "command": meta.command(),
+        "git": meta.git_revision(short=True),
+        "git_dirty": meta.git_dirty(),
+        "machine": meta.machine(),
         "seed": args.seed,
         "args": vars(args),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -519,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     {"vgg": run_vgg, "mixer": run_mixer, "minilm": run_minilm}[args.exp](args, out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["machine"]["loadavg_end"] = list(os.getloadavg())
+    meta.finish(out)
     path = Path(args.out) if args.out else RESULTS / f"collapse_{args.exp}.json"
     from netfold.atomic import write_json
 

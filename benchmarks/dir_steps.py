@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 import netfold
 from netfold.data.fashion_mnist import load_fashion_mnist
@@ -72,19 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"steps={steps:4d} synth={synth_s:6.1f}s ratio={ratio} sparsity={100 * rep.sparsity:.1f}% acc={100 * acc:.2f}%",
                 flush=True,
             )
-    out = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": args.model,
-        "batch_size": args.batch,
-        "n_test": len(y),
-        "loadavg_end": list(os.getloadavg()),
-        "torch_threads": torch.get_num_threads(),
-        "rows": rows,
-    }
-    from netfold.atomic import write_json
+    from netfold.bench import meta
 
-    write_json(args.out, out)
+    out = meta.finish(
+        meta.header(
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            model=args.model,
+            batch_size=args.batch,
+            n_test=len(y),
+            rows=rows,
+        )
+    )
+    meta.write_result(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

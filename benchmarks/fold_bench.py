@@ -19,8 +19,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,26 +26,13 @@ from pathlib import Path
 import torch
 
 import netfold
+from netfold.bench import meta
 from netfold.data.fashion_mnist import calibration_batches, load_fashion_mnist
 from netfold.eval.accuracy import evaluate_accuracy
-from netfold.eval.latency import machine_info
 from netfold.eval.variance import CLASSIFIER_INPUT, variance_ratio
 from netfold.fold.deep_inversion import synthesize
 from netfold.models import build_model
 from netfold.models.train import get_trained
-
-
-def machine() -> dict:
-    info = machine_info()
-    info.update(torch_threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()))
-    return info
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def time_full_resnet18(repeats: int = 3) -> dict:
@@ -97,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     x_var = x_test[:512]
     calib = torch.cat(calibration_batches(n_batches=8, batch_size=64))
     results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": meta.command(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_rev(),
-        "machine": machine(),
+        "git": meta.git_revision(short=True),
+        "machine": meta.machine(),
         "seed": args.seed,
         "n_test": len(y_test),
         "calibration": "512 train images (netfold.data.fashion_mnist.calibration_batches(8, 64))",
@@ -170,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(results["full_resnet18_fold_time"]),
             flush=True,
         )
-    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    meta.finish(results)
     out = Path(args.out)
     from netfold.atomic import write_json
 

@@ -51,9 +51,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +61,7 @@ import torch
 from sklearn.cluster import KMeans, kmeans_plusplus
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from netfold.eval.latency import cpu_model
+from netfold.bench import meta
 from netfold.fold.kmeans import kmeans
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -117,7 +114,7 @@ def objective(X: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor | Non
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = cpu_model()
+    """:func:`netfold.bench.meta.machine` plus what k-means timings depend on (BLAS pools)."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -134,14 +131,9 @@ def machine_info() -> dict[str, Any]:
         for p in threadpool_info()
     ]
     return {
-        "cpu_model": cpu,
-        "os_cpu_count": os.cpu_count(),
+        **meta.machine(),
         "cpus_available": affinity,
         "memory_gb": mem_gb,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
         "torch_blas": "MKL" if torch.backends.mkl.is_available() else "other",
         "sklearn": sklearn.__version__,
         "numpy": np.__version__,
@@ -152,16 +144,6 @@ def machine_info() -> dict[str, Any]:
         },
         "cuda_available": torch.cuda.is_available(),
     }
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def log(msg: str) -> None:
@@ -396,9 +378,9 @@ def main() -> None:
     started = _dt.datetime.now(_dt.timezone.utc)
     report: dict[str, Any] = {
         "benchmark": "netfold.fold.kmeans vs sklearn.cluster.KMeans",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": meta.command(),
         "date_utc": started.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": meta.git_revision(),
         "seed": args.seed,
         "machine": machine_info(),
         "loadavg_at_start": os.getloadavg(),

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from netfold.atomic import write_json
+from netfold.bench import meta
+from netfold.bench.models import load_model
 from netfold.eval.cost import count_flops, count_params
-from netfold.eval.latency import format_latency_table, machine_info
+from netfold.eval.latency import format_latency_table
 from netfold.fuse.bench import benchmark_paths, parse_path, path_label
-from netfold.fuse.cli_handlers import load_model
 
 BASE_PATHS = ["eager", "fused", "fusednhwc", "compile", "fused_compile", "ort", "fused_ort"]
 # "folded": FoldConfig(ratio=0.3, round_to=16); "foldedexact": the same with round_to=1
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "latency",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "machine": machine_info(),
+        "git_revision": meta.git_revision(),
+        "machine": meta.machine(),
         "threads": args.threads,
         "repeats": args.repeats,
         "calls_per_round": args.calls_per_round,
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(res["summary"], indent=1), flush=True)
         if args.out:  # write after every model, so a crash keeps what was measured
             write_json(args.out, results)
-    results["machine"]["loadavg_end"] = machine_info().get("loadavg_1_5_15")
+    meta.finish(results)
     if args.out:
         write_json(args.out, results)
     return results

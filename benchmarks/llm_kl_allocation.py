@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -46,18 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import netfold
+    from netfold.atomic import write_json
+    from netfold.bench.llm import smollm2_and_eval_ids, study_results
     from netfold.config import FoldConfig, LLMConfig
     from netfold.eval.cost import count_params
     from netfold.eval.perplexity import perplexity
-    from netfold.families.llama import (
-        embedding_params,
-        find_llm_groups,
-        group_params,
-        self_generated_ids,
-    )
-
-    sys.path.insert(0, str(HERE))
-    from llm_bench import smollm2_and_eval_ids, study_results, write_json
+    from netfold.families.llama import embedding_params, find_llm_groups, self_generated_ids
+    from netfold.fold.plan import params_removed
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     t0 = time.perf_counter()
@@ -92,13 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             if saved >= budget:
                 break
             g = by[name]
-            full = group_params(model, g, g.size)
             for frac in GRID:  # the widest grid width that meets the rest of the budget
                 w = int(g.size * frac)
-                if saved + full - group_params(model, g, w) >= budget or frac == GRID[-1]:
+                if saved + params_removed(model, g, w) >= budget or frac == GRID[-1]:
                     break
             widths[name] = w
-            saved += full - group_params(model, g, w)
+            saved += params_removed(model, g, w)
         for repair, data in (("none", None), ("dir", None)):
             m = copy.deepcopy(model)
             t1 = time.perf_counter()

@@ -22,7 +22,7 @@ import netfold
 from netfold import FoldConfig
 from netfold.data.text import load_text
 from netfold.eval.perplexity import perplexity
-from netfold.families.llama import load_smollm2
+from netfold.hub import load_smollm2
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from netfold.config import FoldConfig, LLMConfig
 from netfold.data.text import calibration_windows
 from netfold.families.llama import (
     find_llm_groups,
-    load_smollm2,
     mlp_error_curves,
     self_generated_ids,
 )
+from netfold.hub import load_smollm2
 
 SCAN = Path(__file__).parent / "results" / "llm_layer_scan.jsonl"
 

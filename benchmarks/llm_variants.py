@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import netfold
+    from netfold.atomic import write_json
+    from netfold.bench.llm import smollm2_and_eval_ids, study_results
     from netfold.config import FoldConfig, LLMConfig
     from netfold.data.text import calibration_windows
     from netfold.eval.cost import count_params
@@ -105,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         mlp_error_curves,
         self_generated_ids,
     )
-
-    sys.path.insert(0, str(HERE))
-    from llm_bench import smollm2_and_eval_ids, study_results, write_json
 
     model, tok, ids = smollm2_and_eval_ids(args.threads)
     curves = json.loads(CURVES.read_text())["allocation_curves"]["curves"]

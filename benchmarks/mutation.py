@@ -41,12 +41,13 @@ import datetime as _dt
 import importlib
 import json
 import os
-import platform
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from netfold.bench import meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -410,11 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     importlib.import_module("netfold")
     # the test modules too, under the names pytest gives them (rootdir-relative basenames): a
     # child then only runs the tests (imported names from the target are rebound by _install)
-    sys.path.insert(0, str(ROOT / "tests"))
     for t in args.targets:
         for arg in TARGETS[t].tests:
             if arg.startswith("tests/"):
-                importlib.import_module(Path(arg.split("::")[0]).stem)
+                _import_test_module(ROOT / arg.split("::")[0])
     t_start = time.perf_counter()
     results: list[dict] = []
     baselines: dict[str, float] = {}
@@ -425,13 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "PYTHONPATH=$PWD/src OMP_NUM_THREADS=1 nice -n 10 python "
             "benchmarks/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "complete": complete,
-            "machine": {
-                "cpu": _cpu(),
-                "logical_cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            },
+            "git_revision": meta.git_revision(),
+            "machine": meta.machine(),
             "wall_s": round(time.perf_counter() - t_start, 1),
             "baseline_test_s": baselines,
             "targets": {
@@ -506,14 +501,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu() -> str:
+def _import_test_module(path: Path) -> None:
+    """Import ``tests/NAME.py`` as module ``NAME`` (the name pytest gives it), without putting
+    tests/ on sys.path; a sibling test module it imports (``from test_trace import ...``) is
+    imported the same way first."""
+    import importlib.util
+
+    name = path.stem
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        spec.loader.exec_module(mod)
+    except ModuleNotFoundError as e:
+        del sys.modules[name]
+        dep = path.parent / f"{e.name}.py"
+        if e.name == name or not dep.is_file():
+            raise
+        _import_test_module(dep)
+        _import_test_module(path)
 
 
 if __name__ == "__main__":

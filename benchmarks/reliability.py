@@ -45,7 +45,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -1891,47 +1890,19 @@ def run_case(c: Case, tmp: Path, seed: int, src: Path) -> dict[str, Any]:
 
 
 def git_revision() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(
-            ["git", *a], capture_output=True, text=True, cwd=ROOT, timeout=20
-        ).stdout.strip()
+    """The commit and whether tracked files differ from it (this benchmark's outputs aside)."""
+    from netfold.bench import meta
 
-    try:
-        rev = git("rev-parse", "HEAD")
-        dirty = [
-            ln
-            for ln in git("status", "--porcelain").splitlines()
-            if not ln.endswith(("reliability.md", "reliability.json"))
-        ]
-        return {"revision": rev or "unknown", "dirty": bool(dirty)}
-    except Exception:
-        return {"revision": "unknown", "dirty": None}
+    return {
+        "revision": meta.git_commit(),
+        "dirty": meta.git_dirty(ignore=("reliability.md", "reliability.json")),
+    }
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        import transformers
+    from netfold.bench import meta
 
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
+    return meta.machine()
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -38,8 +38,11 @@ FORMATS = ("netfold", "hf")
 _CHILD = r"""
 import sys
 fmt, folder, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sys.path.insert(0, sys.argv[4])
-from save_crash import build
+import importlib.util
+spec = importlib.util.spec_from_file_location("save_crash", sys.argv[4])
+save_crash = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(save_crash)
+build = save_crash.build
 import netfold
 model = build(fmt, seed)
 print("ready", flush=True)
@@ -143,7 +146,7 @@ def run(n: int, seed: int, workdir: str | os.PathLike | None = None) -> dict[str
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="netfold-crash-", dir=workdir))
     env = _child_env()
-    here = str(Path(__file__).resolve().parent)
+    here = str(Path(__file__).resolve())  # the child loads build() from this file
     folders, current, save_s = {}, {}, {}
     for fmt in FORMATS:
         folders[fmt] = root / fmt

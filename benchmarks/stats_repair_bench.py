@@ -20,52 +20,22 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import netfold
 from netfold.atomic import write_json
+from netfold.bench import meta
 from netfold.data.fashion_mnist import calibration_batches, load_fashion_mnist
 from netfold.eval.accuracy import evaluate_accuracy
-from netfold.eval.latency import machine_info
+from netfold.eval.variance import bn_distance, bn_stats
 from netfold.fold.deep_inversion import synthesize
 from netfold.models.train import get_trained
 
 REPAIRS = ("none", "ar", "stats", "dir", "data")
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain"], text=True).strip()
-        return rev + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {
-        n: (m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
-
-
-def bn_distance(a: dict, ref: dict) -> float:
-    """Mean over BatchNorms of mean_c |log(var/var_ref)| + |mean - mean_ref| / std_ref."""
-    total = 0.0
-    for name, (mr, vr) in ref.items():
-        m, v = a[name]
-        vr = vr.clamp_min(1e-12)
-        total += float((v.clamp_min(1e-12).log() - vr.log()).abs().mean())
-        total += float(((m - mr).abs() / vr.sqrt()).mean())
-    return total / max(1, len(ref))
 
 
 def markdown_table(results: dict) -> str:
@@ -141,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = load_fashion_mnist("test")
     x_test, y_test = x_test[: args.n_test], y_test[: args.n_test]
     calib = torch.cat(calibration_batches(n_batches=8, batch_size=64))
-    machine = machine_info()
-    machine.update(torch_threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()))
+    machine = meta.machine()
     results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": meta.command(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_rev(),
+        "git": meta.git_revision(short=True),
         "machine": machine,
         "seed": args.seed,
         "n_test": len(y_test),
@@ -229,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["stats_minus_none"] = gains
             entry["stats_time_over_none"] = times
         results["models"][name] = entry
-        results["machine"]["loadavg_end"] = list(os.getloadavg())
+        meta.finish(results)
         write_json(args.out, results)  # after each model: a long run keeps what it finished
     out = Path(args.out)
     write_json(out, results)

@@ -6,8 +6,6 @@ table is in docs/repair.md). Uses the checkpoints of benchmarks/stats_repair_ben
 
 import copy
 import functools
-import sys
-from pathlib import Path
 
 import torch
 
@@ -15,10 +13,8 @@ import netfold
 import netfold.api
 from netfold.data.fashion_mnist import calibration_batches, load_fashion_mnist
 from netfold.eval.accuracy import evaluate_accuracy
+from netfold.eval.variance import bn_distance, bn_stats
 from netfold.models.train import get_trained
-
-sys.path.insert(0, str(Path(__file__).parent))
-from stats_repair_bench import bn_distance, bn_stats
 
 
 def main() -> None:

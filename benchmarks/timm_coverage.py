@@ -23,8 +23,6 @@ import collections
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import netfold
-from netfold.eval.latency import machine_info
+from netfold.bench import meta
 from netfold.graph.surgery import copy_channels, get_module
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,13 +42,6 @@ MODELS = [
     "regnetx_002",
     "vit_tiny_patch16_224",
 ]
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - outside a checkout the revision is simply unknown
-        return "unknown"
 
 
 def create(name: str, seed: int) -> nn.Module:
@@ -165,12 +156,10 @@ def main() -> None:
     args = ap.parse_args()
     import timm
 
-    info = machine_info()
-    info.update(torch_threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()))
     out = {
-        "command": "python " + " ".join(sys.argv),
-        "git": git_rev(),
-        "machine": info,
+        "command": meta.command(),
+        "git": meta.git_revision(short=True),
+        "machine": meta.machine(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
         "settings": {
             k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()
@@ -187,7 +176,7 @@ def main() -> None:
             f"{row['foldable']}/{row['groups']} groups foldable",
             flush=True,
         )
-    out["machine"]["loadavg_end"] = list(os.getloadavg())
+    meta.finish(out)
     out["table"] = table(out["rows"])
     print(out["table"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import netfold
 from netfold.baselines import magnitude_scores, top_k_labels
 from netfold.fold.allocate import CostCurve, threshold_allocation
 from netfold.fold.merge import merge_matrices
-from netfold.fuse.cli_handlers import randomize_bn
+from netfold.fuse.bench import randomize_bn
 from netfold.graph.surgery import get_module
 from netfold.models import build_model
 

@@ -177,3 +177,27 @@ def test_merge_results_of_per_model_runs(random_small_cnn, tmp_path):
         == 0
     )
     assert len(json.loads((tmp_path / "m.json").read_text())["rows"]) == 4
+
+
+def test_results_header_and_write(tmp_path, monkeypatch) -> None:
+    """Every benchmark's results JSON carries the command, git revision and machine."""
+    import subprocess
+
+    from netfold.bench import meta
+
+    monkeypatch.setattr("sys.argv", ["benchmarks/x.py", "--n", "3"])
+    h = meta.header(rows=[1])
+    assert h["command"] == "python benchmarks/x.py --n 3" and h["rows"] == [1]
+    m = h["machine"]
+    assert m["torch"] == torch.__version__ and m["torch_threads"] == torch.get_num_threads()
+    assert {"cpu", "logical_cpus", "loadavg_start"} <= set(m)
+    rev = meta.git_revision()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    want = head.stdout.strip() or "unknown"
+    assert rev.removesuffix("+dirty") == want
+    path = meta.write_result(tmp_path / "r" / "x.json", meta.finish({"rows": [2]}))
+    got = json.loads(path.read_text())
+    assert got["rows"] == [2] and got["command"] == h["command"]
+    assert got["git_revision"] == rev and len(got["machine"]["loadavg_end"]) == 3
+    kept = meta.write_result(tmp_path / "y.json", {"command": "mine", "git_revision": "r"})
+    assert json.loads(kept.read_text())["command"] == "mine"  # given entries are kept

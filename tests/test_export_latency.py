@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from netfold.cli.fuse import add_bench_latency_parser, add_export_parser, cmd_export
 from netfold.eval.cost import count_flops, count_params
 from netfold.eval.latency import (
     format_latency_table,
@@ -21,13 +22,7 @@ from netfold.eval.latency import (
     torch_threads,
 )
 from netfold.fuse import fuse
-from netfold.fuse.bench import benchmark_paths, parse_path
-from netfold.fuse.cli_handlers import (
-    add_bench_latency_parser,
-    add_export_parser,
-    cmd_export,
-    randomize_bn,
-)
+from netfold.fuse.bench import benchmark_paths, parse_path, randomize_bn
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

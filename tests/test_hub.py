@@ -220,15 +220,6 @@ def test_hf_folder_round_trip_float64_with_per_layer_widths(tmp_path) -> None:
     assert hub.load(str(d), dtype="fp32")[2].dtype == torch.float32
 
 
-def test_llama_module_keeps_the_moved_names() -> None:
-    from netfold.families import llama
-
-    for name in ("load_pretrained", "load_causal_lm", "load_smollm2", "smollm2_gguf"):
-        assert getattr(llama, name) is getattr(hub, name)
-    with pytest.raises(AttributeError):
-        llama.no_such_thing  # noqa: B018
-
-
 def test_token_specs_are_recognised_without_loading(tmp_path) -> None:
     assert hub.is_token_spec("smollm2") and hub.is_token_spec("org/name")
     assert hub.is_token_spec(str(tmp_path / "x.gguf"))

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import netfold
-from netfold import atomic, cli, io, registry
+from netfold import atomic, cli, hub, io, registry
 from netfold.families import llama
 from netfold.fuse.verify import compare_outputs
 
@@ -169,7 +169,7 @@ def test_hf_remote_code_is_refused(tmp_path, extra):
     with pytest.raises(ValueError, match="custom code|model_type"):
         netfold.load(d)
     with pytest.raises(ValueError):
-        llama.load_causal_lm(str(d))
+        hub.load_causal_lm(str(d))
     assert not marker.exists()
 
 
@@ -225,23 +225,36 @@ def test_load_refuses_nan_even_with_matching_checksum(tmp_path):
 
 def test_hf_checksums_and_nan(tmp_path):
     model = _llama()
-    d = io.save(model, tmp_path / "hf", metadata={"note": 1})
+    d = netfold.save(model, tmp_path / "hf", metadata={"note": 1})
     assert json.loads((d / "netfold_metadata.json").read_text()) == {"note": 1}
     assert set(json.loads((d / "netfold_checksums.json").read_text())["sha256"]) == {
         "model.safetensors"
     }
-    io.load(d)
+    netfold.load(d)
     w = d / "model.safetensors"
     data = bytearray(w.read_bytes())
     data[-5] ^= 0x01
     w.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        io.load(d)
+        netfold.load(d)
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     with pytest.raises(ValueError, match=r"model.norm.weight.*non-finite"):
-        io.save(model, tmp_path / "hf2")
+        netfold.save(model, tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
+
+
+def test_io_keeps_to_the_netfold_format(tmp_path):
+    """netfold.io writes and reads netfold folders only; netfold.save / load do both formats."""
+    model = _llama()
+    with pytest.raises(ValueError, match="save Hugging Face models with netfold.save"):
+        io.save(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    d = netfold.save(model, tmp_path / "hf")  # negative control: the public save writes it
+    with pytest.raises(FileNotFoundError, match="Hugging Face folder.*netfold.load"):
+        io.load(d)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(netfold.load(d)(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_compare_outputs_rejects_nan():
@@ -288,7 +301,7 @@ def _llama(seed: int = 0, **kw):
 def test_formats_replace_each_other_without_stale_files(tmp_path):
     d = tmp_path / "out"
     _mlp_save(d)
-    io.save(_llama(), d)
+    netfold.save(_llama(), d)
     names = sorted(p.name for p in d.iterdir())
     assert "netfold.json" not in names and "config.json" in names
     assert netfold.load(d).config.model_type == "llama"
@@ -314,11 +327,11 @@ def test_failed_save_keeps_previous_and_leaves_nothing(tmp_path, monkeypatch, fm
         model = _llama()
         monkeypatch.setattr(type(model), "save_pretrained", boom)
     with pytest.raises(OSError, match="disk full"):
-        io.save(model, d)
+        netfold.save(model, d)
     assert (d / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     with pytest.raises(OSError, match="disk full"):
-        io.save(model, tmp_path / "new")
+        netfold.save(model, tmp_path / "new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no empty folder either
 
 
@@ -509,7 +522,7 @@ def test_gguf_loaded_model_folds_saves_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     try:
-        gguf = llama.smollm2_gguf()
+        gguf = hub.smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
     model = AutoModelForCausalLM.from_pretrained(

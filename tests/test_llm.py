@@ -29,7 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 import netfold  # noqa: E402
-from netfold import FoldConfig  # noqa: E402
+from netfold import FoldConfig, hub  # noqa: E402
 from netfold.config import LLMConfig  # noqa: E402
 from netfold.data.text import token_windows  # noqa: E402
 from netfold.eval.perplexity import perplexity  # noqa: E402
@@ -444,7 +444,7 @@ def test_cli_fold_and_eval_hf_dir(tmp_path, capsys):
 # ----------------------------------------------------------------------------- real model
 def _smollm2():
     try:
-        return fam.load_smollm2()
+        return hub.load_smollm2()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 

@@ -8,7 +8,8 @@ from .collapse import CollapseConfig, collapse
 from .config import DeepInversionConfig, FoldConfig
 from .fuse import FuseConfig, fuse
 from .graph.trace import TraceError, find_groups
-from .io import load, save
+from .hub import load_saved as load
+from .hub import save
 from .merge import MergeConfig, merge
 from .registry import register_arch
 from .report import GroupReport, Report

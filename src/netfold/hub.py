@@ -52,12 +52,15 @@ __all__ = [
     "SMOLLM2_CACHE",
     "SMOLLM2_GGUF",
     "input_shape_of",
+    "build_hf_encoder",
     "is_token_spec",
     "load",
+    "load_saved",
     "load_causal_lm",
     "load_pretrained",
     "load_smollm2",
     "parse_dtype",
+    "save",
     "smollm2_gguf",
 ]
 
@@ -797,3 +800,99 @@ def load_smollm2(cache: Path | None = SMOLLM2_CACHE) -> tuple[nn.Module, Any]:
     if cache is not None:
         save_pretrained(model, cache, tok)  # atomic: a killed conversion leaves no cache
     return model, tok
+
+
+# ------------------------------------------------------------------ netfold.save / netfold.load
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``directory``, atomically (``netfold.save``).
+
+    A Hugging Face model without an architecture spec (a decoder) is written with
+    ``save_pretrained`` (:func:`netfold.families.llama.save_pretrained`: per-layer widths in the
+    config, ``metadata`` in ``netfold_metadata.json``, sha256 of every weight file); any other
+    model, including an encoder marked by :func:`netfold.families.encoders.mark_hf`, in netfold's
+    own format (:func:`netfold.io.save`: safetensors + ``netfold.json``, structural edits
+    replayed on load).
+
+    Args:
+        model: a (folded) model.
+        directory: output folder; an existing earlier save there is replaced.
+        arch / kwargs: architecture spec for the netfold format (default: what
+            :func:`netfold.io.set_arch` / :func:`load_saved` / the CLI recorded on the model).
+        metadata: JSON-serialisable extras (e.g. the fold Report).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: no architecture spec is known, a tensor is not finite (named), or the
+            folder holds files that are not an earlier save. Raised before anything is written.
+        TypeError: metadata is not JSON-serialisable.
+    """
+    if arch is None and getattr(model, io.ARCH_ATTR, None) is None and io._is_hf(model):
+        from .families.llama import save_pretrained
+
+        return save_pretrained(model, directory, metadata=metadata)
+    return io.save(model, directory, arch=arch, kwargs=kwargs, metadata=metadata)
+
+
+def load_saved(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+    """Rebuild a model written by :func:`save` (eval mode, CPU) with its folded widths
+    (``netfold.load``).
+
+    A netfold folder (``netfold.json``) loads with :func:`netfold.io.load`; a Hugging Face folder
+    (``config.json``, no ``netfold.json``) with :func:`load_pretrained` (a causal LM, per-layer
+    widths when the config records them).
+
+    Args:
+        directory: the saved folder.
+        verify: check the recorded sha256 of the weight files and refuse NaN/inf weights.
+
+    Raises:
+        FileNotFoundError: not a saved model.
+        ValueError: an unknown format or unregistered architecture, a refused config, a
+            checksum mismatch, or non-finite weights (with ``verify``).
+    """
+    from .atomic import recover
+
+    d = Path(directory)
+    recover(d)  # a save killed mid-swap: put the complete old save back first
+    if not (d / io.META).is_file() and (d / "config.json").is_file():
+        return load_pretrained(d, verify=verify)
+    return io.load(d, verify=verify)
+
+
+def build_hf_encoder(model_class: str, config: dict[str, Any]) -> nn.Module:
+    """A Hugging Face model with random weights from its class name and config dict.
+
+    The builder behind the architecture name :data:`netfold.registry.HF_ENCODER`, which
+    :func:`netfold.families.encoders.mark_hf` records; ``netfold.load`` then replays the
+    structural edits and loads the saved weights. Only stock ``transformers``
+    ``PreTrainedModel`` classes are built and configs asking for remote code are refused.
+
+    Raises:
+        ValueError: not a transformers model class, a config without ``model_type``, or one
+            with ``auto_map`` / ``trust_remote_code``.
+    """
+    import transformers
+
+    name = registry.HF_ENCODER
+    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{name}: {model_class!r} is not a transformers model class")
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{name}: config must be a dict with a model_type")
+    for key in ("auto_map", "trust_remote_code"):
+        if key in config:
+            raise ValueError(f"{name}: config field {key!r} (remote code) is refused")
+    cfg = transformers.AutoConfig.for_model(**config)
+    return cls(cfg).eval()
+
+
+registry.register_builtin(registry.HF_ENCODER, build_hf_encoder)

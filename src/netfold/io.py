@@ -8,8 +8,10 @@ every layer, the structural edits to replay (a fixed table of module types, see
 :func:`load` verifies the checksum and refuses non-finite weights (``verify=False`` skips both),
 builds the architecture, resizes the layers whose widths changed and loads the weights strictly.
 
-Hugging Face models are written with ``save_pretrained`` (see
-:func:`netfold.families.llama.save_pretrained`), with ``netfold_checksums.json`` beside them.
+This module knows only that format (and the checksum helpers Hugging Face saves share).
+``netfold.save`` / ``netfold.load`` (:func:`netfold.hub.save` / :func:`netfold.hub.load_saved`)
+also write and read Hugging Face folders (``save_pretrained`` with ``netfold_checksums.json``
+beside it, see :func:`netfold.families.llama.save_pretrained`).
 
 Every save is atomic: the folder is written as a temporary sibling and swapped in by renames
 (protocol in :mod:`netfold.atomic`), so at every instant the output path holds either the old
@@ -201,8 +203,8 @@ def save(
             CLI recorded on the model.
         metadata: JSON-serialisable extras (e.g. the fold Report) stored in ``netfold.json``.
 
-    Hugging Face models are written with ``save_pretrained`` (per-layer widths in the config,
-    see :mod:`netfold.families.llama`), metadata in ``netfold_metadata.json``.
+    Hugging Face decoders without a spec save with ``netfold.save``
+    (:func:`netfold.hub.save`), which writes ``save_pretrained`` folders.
 
     Returns:
         The folder.
@@ -212,15 +214,14 @@ def save(
             folder holds files that are not an earlier save. Raised before anything is written.
         TypeError: metadata is not JSON-serialisable.
     """
-    if arch is None and getattr(model, ARCH_ATTR, None) is None and _is_hf(model):
-        # HF models marked with an arch spec (encoders: netfold.families.encoders.mark_hf)
-        # take the netfold format below, which replays structural edits on load.
-        from .families.llama import save_pretrained
-
-        return save_pretrained(model, directory, metadata=metadata)
     spec = getattr(model, ARCH_ATTR, None)
     if arch is not None:
         spec = {"arch": arch, "kwargs": dict(kwargs or {})}
+    if spec is None and _is_hf(model):
+        raise ValueError(
+            f"netfold.io.save writes netfold folders only and {type(model).__name__} has no "
+            "architecture spec: save Hugging Face models with netfold.save (save_pretrained)"
+        )
     if spec is None:
         raise ValueError(
             "netfold.save needs to know how to rebuild the architecture: pass arch='torchvision:resnet18' "
@@ -256,8 +257,8 @@ def _str_dict(v: Any, what: str, path: Path) -> dict[str, Any]:
 def load(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     """Rebuild a model saved by :func:`save` (eval mode, CPU) with its folded widths.
 
-    A Hugging Face folder (``config.json``, no ``netfold.json``) loads as a causal LM, with
-    per-layer widths when the config records them.
+    Hugging Face folders (``config.json``, no ``netfold.json``) load with ``netfold.load``
+    (:func:`netfold.hub.load_saved`).
 
     Args:
         directory: the saved folder.
@@ -272,9 +273,10 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     recover(d)  # a save killed mid-swap: put the complete old save back first
     meta_path = d / META
     if not meta_path.is_file() and (d / "config.json").is_file():
-        from .families.llama import load_pretrained
-
-        return load_pretrained(d, verify=verify)
+        raise FileNotFoundError(
+            f"{d} is a Hugging Face folder (config.json, no netfold.json): load it with "
+            "netfold.load"
+        )
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d} has no netfold.json: not a saved netfold model")
     info = _read_json(meta_path)

@@ -8,8 +8,10 @@ driven by file contents. Known names:
 - ``"netfold:<name>"``: a model of :data:`netfold.models.MODELS`;
 - ``"torchvision:<name>"``: a builder that ``torchvision.models.list_models()`` lists (random
   weights: ``weights`` / ``pretrained`` kwargs are refused, they would download and unpickle);
-- ``"netfold.families.encoders:build_hf"``: a Hugging Face encoder rebuilt from its class name
-  and config (the class must be a ``transformers`` ``PreTrainedModel``, no ``auto_map``);
+- ``"netfold.families.encoders:build_hf"`` (the name encoder saves carry): a Hugging Face encoder
+  rebuilt from its class name and config (the class must be a ``transformers``
+  ``PreTrainedModel``, no ``auto_map``); the builder lives with the loader
+  (:func:`netfold.hub.build_hf_encoder`), which registers it with :func:`register_builtin`;
 - any name a program registers in its own process::
 
       netfold.register_arch("mylib:Net", mylib.Net)
@@ -25,13 +27,24 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["build", "is_known", "register_arch", "registered", "unregister_arch"]
+__all__ = [
+    "build",
+    "is_known",
+    "register_arch",
+    "register_builtin",
+    "registered",
+    "unregister_arch",
+]
 
 Builder = Callable[..., nn.Module]
 
 _USER: dict[str, Builder] = {}
+# netfold's own builders that live in higher layers (they need transformers / the families),
+# registered by the module that defines them; users cannot take these names.
+_BUILTIN: dict[str, Builder] = {}
 _RESERVED = ("netfold", "torchvision")
 HF_ENCODER = "netfold.families.encoders:build_hf"
+_BUILTIN_NAMES = (HF_ENCODER,)
 # torchvision kwargs that fetch (pickled) weights from the network
 _DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 
@@ -62,13 +75,27 @@ def register_arch(name: str, builder: Builder, *, overwrite: bool = False) -> No
         TypeError: ``builder`` is not callable.
     """
     prefix, _ = _check_name(name)
-    if prefix in _RESERVED or name == HF_ENCODER:
+    if prefix in _RESERVED or name in _BUILTIN_NAMES:
         raise ValueError(f"register_arch: name {name!r} is reserved for netfold's own builders")
     if not callable(builder):
         raise TypeError(f"register_arch: builder for {name!r} must be callable, got {builder!r}")
     if name in _USER and not overwrite and _USER[name] is not builder:
         raise ValueError(f"register_arch: {name!r} is already registered (pass overwrite=True)")
     _USER[name] = builder
+
+
+def register_builtin(name: str, builder: Builder) -> None:
+    """Register one of netfold's own reserved builders (see :data:`HF_ENCODER`).
+
+    Called at import by the module that defines the builder (:mod:`netfold.hub`), which sits
+    above this module, so the registry never imports upwards.
+
+    Raises:
+        ValueError: ``name`` is not one of netfold's reserved builder names.
+    """
+    if name not in _BUILTIN_NAMES:
+        raise ValueError(f"register_builtin: {name!r} is not a reserved netfold builder name")
+    _BUILTIN[name] = builder
 
 
 def unregister_arch(name: str) -> None:
@@ -113,30 +140,13 @@ def _torchvision(short: str, kwargs: dict[str, Any]) -> Builder:
     return torchvision.models.get_model_builder(short)
 
 
-def _hf_encoder(model_class: str, config: dict[str, Any]) -> nn.Module:
-    """:func:`netfold.families.encoders.build_hf`, restricted to stock transformers classes."""
-    import transformers
-
-    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(f"{HF_ENCODER}: {model_class!r} is not a transformers model class")
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{HF_ENCODER}: config must be a dict with a model_type")
-    for key in ("auto_map", "trust_remote_code"):
-        if key in config:
-            raise ValueError(f"{HF_ENCODER}: config field {key!r} (remote code) is refused")
-    from .families.encoders import build_hf
-
-    return build_hf(model_class, config)
-
-
 def is_known(name: str) -> bool:
     """True when ``name`` is registered or names a built-in builder family."""
     try:
         prefix, _ = _check_name(name)
     except ValueError:
         return False
-    return name in _USER or prefix in _RESERVED or name == HF_ENCODER
+    return name in _USER or prefix in _RESERVED or name in _BUILTIN_NAMES
 
 
 def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -160,8 +170,10 @@ def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         builder = _netfold(short)
     elif prefix == "torchvision":
         builder = _torchvision(short, kwargs)
-    elif name == HF_ENCODER:
-        builder = _hf_encoder
+    elif name in _BUILTIN_NAMES:
+        if name not in _BUILTIN:  # registered when netfold.hub is imported (import netfold)
+            raise ValueError(f"builder {name!r} is not available: import netfold first")
+        builder = _BUILTIN[name]
     else:
         raise ValueError(
             f"architecture {name!r} is not registered: netfold never imports or calls a "

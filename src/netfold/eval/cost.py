@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_flops"]
+__all__ = ["call_model", "count_flops", "count_params"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,6 +38,20 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on example inputs: a Tensor, a tuple/list of positional args or a kwargs dict."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    raise TypeError(
+        "example_inputs must be a Tensor, a tuple of positional arguments or a dict of keyword "
+        f"arguments, got {type(inputs).__name__}"
+    )
+
+
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model`` on ``example_inputs``, from ``torch.utils.flop_counter``.
 
@@ -52,8 +66,6 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     Returns:
         Total FLOPs for that input (so they scale with batch size / sequence length).
     """
-    from netfold.fuse.record import call_model  # local: eval stays importable on its own
-
     # Run in eval mode so the count has no side effects (BatchNorm running stats, dropout RNG).
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

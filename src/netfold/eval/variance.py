@@ -87,3 +87,26 @@ def variance_ratio(
     a = activation_variances(original, inputs, layers)
     b = activation_variances(folded, inputs, layers)
     return {k: b[k] / a[k] for k in a if k in b and a[k] > 0}
+
+
+def bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Running mean and variance (C,) of every BatchNorm, float64 copies, by module name."""
+    return {
+        n: (m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def bn_distance(
+    a: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ref: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> float:
+    """Mean over BatchNorms of mean_c |log(var/var_ref)| + |mean - mean_ref| / std_ref."""
+    total = 0.0
+    for name, (mr, vr) in ref.items():
+        m, v = a[name]
+        vr = vr.clamp_min(1e-12)
+        total += float((v.clamp_min(1e-12).log() - vr.log()).abs().mean())
+        total += float(((m - mr).abs() / vr.sqrt()).mean())
+    return total / max(1, len(ref))

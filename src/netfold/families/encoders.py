@@ -11,8 +11,8 @@ The hidden size (residual stream) is never folded. Layouts are tables of module 
 to a layer (:data:`netfold.families.table.ATTENTION_LAYOUTS` / ``MLP_LAYOUTS``), found by scanning module names, so
 any model that nests these blocks (``BertModel``, ``BertForSequenceClassification``,
 ``ViTForImageClassification``, sentence-transformers' BERT) is covered without importing its
-classes. :func:`fold_encoder` is the fold entry point for these models (``netfold.fold`` folds
-channels one by one; heads need whole-head clustering and attribute sync).
+classes. :func:`fold_encoder` hands these groups and the family's hooks (head-count attributes,
+config sync) to the one fold pipeline, :func:`netfold.fold.run.run`.
 
 Folded and collapsed encoders save with :func:`netfold.save` / reload with :func:`netfold.load`:
 :func:`mark_hf` records how to rebuild the model from its config, and the folded head counts
@@ -24,13 +24,13 @@ size from it), the per-layer head counts live on the attention modules.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 
+from ..config import FoldConfig
+from ..fold.run import FamilyHooks, run
 from ..graph.groups import ChannelGroup, Consumer
 from ..report import Report
 from .table import (  # noqa: F401 - the layouts are table data, named here too
@@ -46,7 +46,6 @@ __all__ = [
     "MLP_LAYOUTS",
     "SUPPORTED_MODEL_TYPES",
     "AttentionBlock",
-    "build_hf",
     "encoder_groups",
     "find_attention",
     "fold_encoder",
@@ -165,27 +164,16 @@ def encoder_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
-def build_hf(model_class: str, config: dict[str, Any]) -> nn.Module:
-    """Build a Hugging Face model with random weights from its class name and config dict.
-
-    The architecture spec :func:`mark_hf` records (``netfold.load`` calls this, then replays
-    structural edits and loads the saved weights).
-    """
-    import transformers
-
-    cls = getattr(transformers, model_class, None)
-    if cls is None:
-        raise ValueError(f"transformers has no model class {model_class!r}")
-    cfg = transformers.AutoConfig.for_model(**config)
-    return cls(cfg).eval()
-
-
 def mark_hf(model: nn.Module) -> nn.Module:
     """Record ``model``'s Hugging Face class and config so :func:`netfold.save` can save it.
+
+    The spec names :data:`netfold.registry.HF_ENCODER`, built by
+    :func:`netfold.hub.build_hf_encoder` on load.
 
     A no-op for models that already carry an architecture spec or have no HF config.
     """
     from ..io import ARCH_ATTR, set_arch
+    from ..registry import HF_ENCODER
 
     cfg = getattr(model, "config", None)
     if getattr(model, ARCH_ATTR, None) is not None or not hasattr(cfg, "to_json_string"):
@@ -195,39 +183,36 @@ def mark_hf(model: nn.Module) -> nn.Module:
     d.pop("architectures", None)
     return set_arch(
         model,
-        "netfold.families.encoders:build_hf",
+        HF_ENCODER,
         {"model_class": type(model).__name__, "config": d},
     )
 
 
-class _HeadAttrs:
-    """Head-count attributes of attention modules and the recorded edits, for rollback."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        from ..graph.edits import get_edits
-
-        self.model = model
-        self.edits = get_edits(model)
-        attrs = HEAD_COUNT_ATTRS + HEAD_WIDTH_ATTRS
-        self.saved = {
-            n: {a: getattr(model.get_submodule(n), a, None) for a in attrs} for n in names
-        }
-
-    def restore(self) -> None:
-        from ..graph.edits import EDITS_ATTR
-
-        for n, saved in self.saved.items():
-            m = self.model.get_submodule(n)
-            for a, v in saved.items():
-                if v is not None:
-                    setattr(m, a, v)
-        setattr(self.model, EDITS_ATTR, self.edits)
+def head_attributes(
+    model: nn.Module, groups: list[ChannelGroup], widths: dict[str, int]
+) -> dict[str, dict[str, int]]:
+    """The attention attributes that follow folded head groups: head counts
+    (:data:`HEAD_COUNT_ATTRS`) and widths (:data:`HEAD_WIDTH_ATTRS`) the module has."""
+    out: dict[str, dict[str, int]] = {}
+    for g in groups:
+        if g.head_size > 1:
+            m = model.get_submodule(g.name)
+            k = widths[g.name]
+            attrs = {a: k // g.head_size for a in HEAD_COUNT_ATTRS if hasattr(m, a)}
+            attrs.update({a: k for a in HEAD_WIDTH_ATTRS if hasattr(m, a)})
+            out[g.name] = attrs
+    return out
 
 
-def _head_labels(labels_h: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Per-channel labels from per-head labels: channel d of head h -> label[h] * hd + d."""
-    heads = labels_h.shape[0]
-    return (labels_h.repeat_interleave(head_dim) * head_dim) + torch.arange(head_dim).repeat(heads)
+def sync_config(model: nn.Module, groups: list[ChannelGroup], widths: dict[str, int]) -> None:
+    """After a fold: ``config.intermediate_size`` when every MLP keeps one width, and the
+    architecture spec :func:`netfold.save` needs (:func:`mark_hf`)."""
+    cfg = getattr(model, "config", None)
+    mlp = [g for g in groups if g.head_size == 1]
+    mlp_widths = {widths.get(g.name, g.size) for g in mlp}
+    if cfg is not None and hasattr(cfg, "intermediate_size") and len(mlp_widths) == 1:
+        cfg.intermediate_size = mlp_widths.pop()
+    mark_hf(model)
 
 
 def fold_encoder(
@@ -239,7 +224,8 @@ def fold_encoder(
     mlp: bool = True,
     progress: bool = False,
 ) -> Report:
-    """Fold an encoder's MLP channels and whole attention heads in place.
+    """Fold an encoder's MLP channels and whole attention heads in place, through the fold
+    pipeline (:func:`netfold.fold.run.run`) with this family's groups and hooks.
 
     Same contract as :func:`netfold.fold` (plan and validate first, write with rollback),
     with ``config.ratio`` / ``ratios`` / ``target_sparsity`` / ``skip`` applied to
@@ -262,77 +248,13 @@ def fold_encoder(
         ValueError: unsupported repair, weights on meta or NaN/inf, nothing to fold, a
             ``ratios`` / ``skip`` pattern that matches no group.
     """
-    from tqdm.auto import tqdm
-
-    from ..config import FoldConfig
-    from ..eval.cost import count_params
-    from ..fold.checks import check_finite, check_patterns
-    from ..fold.cluster import cluster_with
-    from ..fold.merge import group_features, merge_group
-    from ..fold.plan import plan_widths
-    from ..fold.repairs import get_repair
-    from ..fold.run import write
-    from ..graph.edits import set_attributes
-
-    t0 = time.perf_counter()
     config = config if config is not None else FoldConfig()
-    if not isinstance(config, FoldConfig):
-        raise TypeError(f"config must be a netfold.FoldConfig, got {type(config).__name__}")
-    repair = get_repair(config.repair)
-    if repair.needs != "nothing" or not repair.families:
-        raise ValueError(f"fold_encoder supports repair 'ar' or 'none', not {config.repair!r}")
-    check_finite(model)
     groups = groups if groups is not None else encoder_groups(model)
     groups = [g for g in groups if (heads and g.head_size > 1) or (mlp and g.head_size == 1)]
     if not groups:
         raise ValueError("nothing to fold: no groups of the requested kinds")
-    check_patterns(groups, config)
-    widths = plan_widths(model, groups, config)
-    todo = [g for g in groups if g.foldable and widths.get(g.name, g.size) < g.size]
-    params_before = count_params(model)
+    return run(model, config, groups=groups, progress=progress, family=ENCODERS)
 
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    labels_of: dict[str, torch.Tensor] = {}
-    costs: dict[str, float] = {}
-    for g in tqdm(todo, desc="clustering", disable=not progress, leave=False):
-        k = widths[g.name]
-        mode = "naive" if g.head_size > 1 else repair.features
-        X = group_features(model, g, mode)
-        if g.head_size > 1:
-            hd = g.head_size
-            Xh = X.reshape(g.size // hd, -1)  # one row per head: its channels side by side
-            c = cluster_with(Xh, k // hd, config)
-            labels = _head_labels(c.labels, hd)
-        else:
-            c = cluster_with(X, k, config)
-            labels = c.labels
-        labels_of[g.name], costs[g.name] = labels, c.cost
-        merge_group(state, model, g, labels, k, mode)
 
-    def sync_heads() -> None:
-        for g in todo:
-            if g.head_size > 1:
-                m = model.get_submodule(g.name)
-                k = widths[g.name]
-                attrs = {a: k // g.head_size for a in HEAD_COUNT_ATTRS if hasattr(m, a)}
-                attrs.update({a: k for a in HEAD_WIDTH_ATTRS if hasattr(m, a)})
-                set_attributes(model, g.name, attrs)
-
-    heads = _HeadAttrs(model, [g.name for g in todo if g.head_size > 1])
-    write(model, state, sorted(state), then=sync_heads, restore=[heads])
-
-    cfg = getattr(model, "config", None)
-    mlp_widths = {widths.get(g.name, g.size) for g in groups if g.head_size == 1}
-    if cfg is not None and hasattr(cfg, "intermediate_size") and len(mlp_widths) == 1 and mlp:
-        cfg.intermediate_size = mlp_widths.pop()
-    mark_hf(model)
-
-    report = Report(
-        operation="fold",
-        params_before=params_before,
-        params_after=count_params(model),
-        config=config.to_dict(),
-    )
-    report.add_groups(groups, widths, costs, labels_of)
-    report.seconds = time.perf_counter() - t0
-    return report
+#: What the fold pipeline needs from the encoder family.
+ENCODERS = FamilyHooks("encoders", attributes=head_attributes, sync=sync_config)

@@ -11,7 +11,7 @@ head-count attributes, the MLP's intermediate size and the config agree with the
 Uniform widths go into the family's stock config fields, so ``from_pretrained`` reloads the
 saved folder; per-layer widths are recorded as ``config.netfold_layer_widths`` (a list, one
 ``{"intermediate_size", "num_attention_heads", "num_key_value_heads"}`` per layer), which
-:func:`load_pretrained` (and ``netfold.load``) reads. Families whose config has no
+:func:`netfold.hub.load_pretrained` (and ``netfold.load``) reads. Families whose config has no
 ``head_dim`` (GPT-2, OPT) record folded head counts this way too, since transformers would
 derive a wrong head dimension from them.
 
@@ -40,9 +40,7 @@ from ..fold.decoder import (  # noqa: F401 - re-exported: callers import them fr
     DecoderHooks,
     embedding_params,
     feature_kind,
-    group_params,
     group_ratio,
-    params_with,
     self_generated_ids,
     width_at,
 )
@@ -167,7 +165,7 @@ def _saved_config(model: nn.Module) -> tuple[Any, str | None]:
     Stock fields carry the folded widths when the installed transformers accepts them. When it
     does not (Llama / Gemma configs require ``hidden_size % num_attention_heads == 0`` even with
     an explicit ``head_dim``), the stock fields keep the unfolded head counts (which it accepts)
-    and the actual widths go to ``netfold_layer_widths``, read by :func:`load_pretrained`.
+    and the actual widths go to ``netfold_layer_widths``, read by :func:`netfold.hub.load_pretrained`.
     """
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, CONFIG_EXTENSION_KEY):
@@ -233,7 +231,7 @@ def save_pretrained(
     The folder is written as a temporary sibling and swapped in (see :mod:`netfold.atomic`):
     the path always holds the previous complete save or this one, never a mix. Also written:
     the tokenizer when given, ``metadata`` as ``netfold_metadata.json``, and the sha256 of every
-    weight file (``netfold_checksums.json``, verified by :func:`load_pretrained`).
+    weight file (``netfold_checksums.json``, verified by :func:`netfold.hub.load_pretrained`).
 
     Folded widths that the installed transformers refuses as stock config fields are saved
     through the netfold config extension (a :class:`ConfigExtensionWarning` says so and
@@ -278,26 +276,3 @@ def save_pretrained(
     if note:
         warnings.warn(f"{directory}: {note}", ConfigExtensionWarning, stacklevel=2)
     return Path(directory)
-
-
-# Moved to netfold.hub (the one loader). Resolved lazily: hub imports this module.
-_MOVED_TO_HUB = (
-    "SMOLLM2_CACHE",
-    "SMOLLM2_GGUF",
-    "_check_hf_config",
-    "_check_per_layer",
-    "_has_tokenizer",
-    "_saved_dtype",
-    "load_causal_lm",
-    "load_pretrained",
-    "load_smollm2",
-    "smollm2_gguf",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_HUB:
-        from .. import hub
-
-        return getattr(hub, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,11 @@
-"""Data-free per-group budgets: each group's width from its own folding-cost curve.
+"""Per-group budgets from folding-cost curves: the one allocation module of every fold.
+
+Two allocations over measured curves: :func:`threshold_allocation` (one global threshold on
+relative weight-space costs, traced CNNs / MLPs and encoders: ``allocation="cost"``) and
+:func:`greedy_allocation` (least error per parameter removed, step by step; decoder LLMs, on
+output errors measured from token ids by :func:`netfold.fold.decoder.mlp_error_curves`).
+
+Threshold allocation (data-free): each group's width from its own folding-cost curve.
 
 Uniform folding removes the same fraction of channels everywhere, although some layers hold
 many near-duplicate channels and others hold none. From the weights alone, the relative cost
@@ -18,6 +25,7 @@ collapses to a handful of channels however cheap its curve looks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -126,3 +134,46 @@ def threshold_allocation(
         else:
             hi = mid
     return widths(hi)
+
+
+def greedy_allocation(
+    curves: dict[str, list[tuple[int, float]]],
+    removed: Callable[[str, int], int],
+    params: int,
+    target_params: float,
+) -> dict[str, int] | None:
+    """Widths from measured (width, error) points, greedily, until ``target_params`` is met.
+
+    Repeatedly takes the step (one group to its next width) that adds the least error per
+    parameter removed. Errors add up across groups (log-perplexity does, roughly).
+
+    Args:
+        curves: {group name: [(width, error), ...]} in decreasing width, starting at
+            (full width, 0.0).
+        removed: ``(group name, width) -> parameters the group loses at that width``.
+        params: the model's parameter count with every group at full width.
+        target_params: the budget.
+
+    Returns:
+        {group name: width} for every group of ``curves``, or None when the budget cannot be
+        met with the widths the curves offer.
+    """
+    step = {name: 0 for name in curves}
+    widths = {name: pts[0][0] for name, pts in curves.items()}
+    current = params
+    while current > target_params:
+        best, best_score, best_saved = None, math.inf, 0
+        for name, pts in curves.items():
+            i = step[name]
+            if i + 1 >= len(pts):
+                continue
+            saved = removed(name, pts[i + 1][0]) - removed(name, pts[i][0])
+            score = (pts[i + 1][1] - pts[i][1]) / max(saved, 1)
+            if score < best_score:
+                best, best_score, best_saved = name, score, saved
+        if best is None:
+            return None
+        current -= best_saved
+        step[best] += 1
+        widths[best] = curves[best][step[best]][0]
+    return widths

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,12 +26,21 @@ from ..graph.groups import ChannelGroup, HeadGroup
 from ..graph.surgery import get_module
 from ..report import GroupReport, Report
 from . import llm as L
+from .allocate import greedy_allocation
 from .checks import check_finite, check_patterns
 from .cluster import Clustering, canonical, cluster_with
 from .kmeans import kmeans
 from .magnitude import magnitude_keep
 from .merge import TensorState
-from .plan import MAX_RATIO, bisect_ratio, width_for
+from .plan import (
+    MAX_RATIO,
+    explicit_widths,
+    group_width,
+    params_after,
+    params_removed,
+    uniform_ratio,
+    widths_at,
+)
 from .repairs import get_repair
 from .run import write
 from .views import Overlay, Split, write_back
@@ -71,28 +79,6 @@ def embedding_params(model: nn.Module) -> int:
     return n
 
 
-def _lin_params(m: nn.Linear) -> tuple[int, int]:
-    """(parameters per output row, parameters per input column) of a Linear."""
-    return m.in_features + (1 if m.bias is not None else 0), m.out_features
-
-
-def group_params(model: nn.Module, g: ChannelGroup | HeadGroup, width: int) -> int:
-    """Parameters of a group's modules when it keeps ``width`` units (channels or head units)."""
-    if isinstance(g, ChannelGroup):
-        per = sum(_lin_params(get_module(model, p))[0] for p in g.producers)
-        per += sum(_lin_params(get_module(model, c.module))[1] for c in g.consumers)
-        return per * width
-    nq, nkv = g.heads_for(width)
-    q_row, _ = _lin_params(get_module(model, g.q))
-    k_row, _ = _lin_params(get_module(model, g.k))
-    v_row, _ = _lin_params(get_module(model, g.v))
-    _, o_col = _lin_params(get_module(model, g.o))
-    o_bias = get_module(model, g.o).bias is not None
-    return g.head_dim * (nq * (q_row + o_col) + nkv * (k_row + v_row)) + (
-        get_module(model, g.o).out_features if o_bias else 0
-    )
-
-
 def _kind_enabled(g: ChannelGroup | HeadGroup, config: FoldConfig) -> bool:
     return config.llm.fold_attention if isinstance(g, HeadGroup) else config.llm.fold_mlp
 
@@ -106,28 +92,8 @@ def group_ratio(
     return config.ratio_for(g.name, g.modules, default)
 
 
-def width_at(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
-    """Units kept at ``ratio``: round(n (1 - ratio)), at least one head unit; MLP channels
-    as for any channel group (``min_channels``, ``round_to``)."""
-    if isinstance(g, HeadGroup):
-        return max(1, min(g.size, int(round(g.size * (1.0 - ratio)))))
-    return width_for(g.size, ratio, config)
-
-
-def params_with(
-    model: nn.Module, groups: list, widths: dict[str, int], view: nn.Module | None = None
-) -> int:
-    """Total parameters once each group ``name`` keeps ``widths[name]`` units.
-
-    ``view``: the :class:`~netfold.fold.views.Overlay` the groups' module names resolve in
-    (default ``model``).
-    """
-    view = model if view is None else view
-    total = count_params(model)
-    for g in groups:
-        if g.name in widths:
-            total += group_params(view, g, widths[g.name]) - group_params(view, g, g.size)
-    return total
+#: Units kept at a ratio (the planner's rule, :func:`netfold.fold.plan.group_width`).
+width_at = group_width
 
 
 def plan_llm_widths(
@@ -153,27 +119,12 @@ def plan_llm_widths(
     """
     view = view if view is not None else Overlay(model, hooks.splits(model))
     foldable = [g for g in groups if g.foldable]
-    by_name = {g.name: g for g in groups}
-    out: dict[str, int] = {}
     if widths:
-        for name, w in widths.items():
-            g = by_name.get(name)
-            if g is None:
-                raise ValueError(f"no foldable group named {name!r}")
-            if isinstance(g, HeadGroup):
-                out[name] = g.units_for_heads(int(w))
-            else:
-                if not 1 <= int(w) <= g.size:
-                    raise ValueError(f"{name}: width {w} outside [1, {g.size}]")
-                out[name] = int(w)
-        return out
+        return explicit_widths(groups, widths)
     if config.target_sparsity is None:
-        for g in foldable:
-            r = group_ratio(g, config)
-            if r is not None:
-                out[g.name] = width_at(g, r, config)
+        out = widths_at(foldable, config, None, group_ratio)
         if config.allocation == "cost":
-            budget = params_with(model, groups, out, view)
+            budget = params_after(model, groups, out, view)
             out = allocate_by_cost(
                 model, foldable, config, budget, _need(ids), hooks=hooks, view=view
             )
@@ -185,21 +136,14 @@ def plan_llm_widths(
         return allocate_by_cost(
             model, foldable, config, target_params, _need(ids), hooks=hooks, view=view
         )
-
-    def at(r: float) -> dict[str, int]:
-        res = {}
-        for g in foldable:
-            rr = group_ratio(g, config, default=r)
-            if rr is not None:
-                res[g.name] = width_at(g, rr, config)
-        return res
-
-    if params_with(model, groups, at(MAX_RATIO), view) > target_params:
+    most = widths_at(foldable, config, MAX_RATIO, group_ratio)
+    if params_after(model, groups, most, view) > target_params:
         raise ValueError(
             f"target_sparsity {config.target_sparsity:.3f} (of non-embedding parameters) is "
             "unreachable with the groups allowed to fold"
         )
-    return at(bisect_ratio(lambda r: params_with(model, groups, at(r), view), target_params))
+    r = uniform_ratio(model, foldable, config, target_params, ratio_of=group_ratio, view=view)
+    return widths_at(foldable, config, r, group_ratio)
 
 
 ALLOC_GRID = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -311,32 +255,17 @@ def allocate_by_cost(
         curves = mlp_error_curves(model, allowed, config, _need(ids), hooks=hooks, view=view)
     curves = {k: v for k, v in curves.items() if k in {g.name for g in allowed}}
     by_name = {g.name: g for g in allowed}
-    step = {name: 0 for name in curves}
-    widths = {name: by_name[name].size for name in curves}
-    current = params_with(model, groups, widths, view)
-    while current > target_params:
-        best, best_score = None, math.inf
-        for name, pts in curves.items():
-            i = step[name]
-            if i + 1 >= len(pts):
-                continue
-            g = by_name[name]
-            saved = group_params(view, g, pts[i][0]) - group_params(view, g, pts[i + 1][0])
-            score = (pts[i + 1][1] - pts[i][1]) / max(saved, 1)
-            if score < best_score:
-                best, best_score = name, score
-        if best is None:
-            raise ValueError(
-                "target is unreachable with allocation='cost': every allowed MLP group is at "
-                f"the smallest grid width ({min(ALLOC_GRID):.0%})"
-            )
-        g = by_name[best]
-        i = step[best]
-        current -= group_params(view, g, curves[best][i][0]) - group_params(
-            view, g, curves[best][i + 1][0]
+    widths = greedy_allocation(
+        curves,
+        lambda name, w: params_removed(model, by_name[name], w, view),
+        params_after(model, groups, {name: by_name[name].size for name in curves}, view),
+        target_params,
+    )
+    if widths is None:
+        raise ValueError(
+            "target is unreachable with allocation='cost': every allowed MLP group is at "
+            f"the smallest grid width ({min(ALLOC_GRID):.0%})"
         )
-        step[best] = i + 1
-        widths[best] = curves[best][i + 1][0]
     return {k: v for k, v in widths.items() if v < by_name[k].size}
 
 

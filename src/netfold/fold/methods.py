@@ -92,5 +92,16 @@ def _plan_block(
     if method not in CLUSTER_METHODS:
         raise ValueError(f"unknown method {method!r}")
     X = group_features(model, group, mode)[rows]
+    hd = group.head_size
+    if hd > 1:  # whole heads: one point per head, its channels side by side
+        c = cluster_with(X.reshape(X.shape[0] // hd, -1), k // hd, config)
+        return GroupPlan(head_labels(c.labels, hd), k, "fold", c.cost)
     c = cluster_with(X, k, config)
     return GroupPlan(c.labels, k, "fold", c.cost)
+
+
+def head_labels(labels_h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-channel labels from per-head labels (heads,): channel d of head h gets
+    ``labels_h[h] * head_dim + d``, so merged heads keep their dimensions apart."""
+    heads = labels_h.shape[0]
+    return (labels_h.repeat_interleave(head_dim) * head_dim) + torch.arange(head_dim).repeat(heads)

@@ -1,7 +1,10 @@
 """Width planning: how many channels each group keeps (ratio, ratios, target, allocation).
 
-One ratio -> width rule (:func:`width_for`), one parameter count after a plan
-(:func:`params_after`), one bisection for ``target_sparsity`` (:func:`bisect_ratio`).
+The one planner of every fold (traced CNNs / MLPs, encoders and decoder LLMs): one ratio ->
+width rule (:func:`width_for`, :func:`group_width` for channel and head groups alike), one
+parameter count after a plan (:func:`params_after`, through the
+:class:`~netfold.fold.views.Overlay` where projections are fused or transposed), one bisection
+for ``target_sparsity`` (:func:`bisect_ratio`); cost allocations in :mod:`netfold.fold.allocate`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import FoldConfig
 from ..eval.cost import count_params
-from ..graph.groups import ChannelGroup
+from ..graph.groups import ChannelGroup, HeadGroup
 from ..graph.surgery import get_module
 from .allocate import ALLOCATION_SPREAD, GRID, cost_curve, threshold_allocation
 from .checks import _owner_modules
@@ -42,6 +45,15 @@ def width_for(n: int, ratio: float, config: FoldConfig, head_size: int = 1) -> i
     return k
 
 
+def group_width(g: ChannelGroup | HeadGroup, ratio: float, config: FoldConfig) -> int:
+    """Units group ``g`` keeps at ``ratio``: channels (:func:`width_for` with the group's head
+    size), or for a :class:`~netfold.graph.groups.HeadGroup` clustering units (query heads per
+    KV group or KV groups): round(n (1 - ratio)), at least one."""
+    if isinstance(g, HeadGroup):
+        return max(1, min(g.size, int(round(g.size * (1.0 - ratio)))))
+    return width_for(g.size, ratio, config, g.head_size)
+
+
 def _matches(g: ChannelGroup, pattern: str) -> bool:
     return fnmatch(g.name, pattern) or any(fnmatch(m, pattern) for m in _owner_modules(g))
 
@@ -51,49 +63,103 @@ def group_ratio(g: ChannelGroup, config: FoldConfig, default: float | None = Non
     return config.ratio_for(g.name, _owner_modules(g), default)
 
 
-def params_after(model: nn.Module, groups: list[ChannelGroup], widths: dict[str, int]) -> int:
-    """Parameter count of ``model`` once each group ``name`` has width ``widths[name]``."""
-    shapes: dict[tuple[str, str], list[int]] = {}
+def _shrinks(g: ChannelGroup | HeadGroup, k: int):
+    """(module, tensor, dim, new size or None, columns removed) for every tensor that indexes
+    the group's channels when it keeps ``k`` units: producer / channel-op rows (dim 0) are set
+    to the new width, consumer columns (dim 1) lose the removed ones."""
+    if isinstance(g, HeadGroup):
+        nq, nkv = g.heads_for(k)
+        for m, n in ((g.q, nq), (g.k, nkv), (g.v, nkv)):
+            for tname in ("weight", "bias"):
+                yield m, tname, 0, n * g.head_dim, 0
+        yield g.o, "weight", 1, None, (g.num_heads - nq) * g.head_dim
+        return
+    for m in _owner_modules(g):
+        for tname in ("weight", "bias"):
+            yield m, tname, 0, k, 0
+    for c in g.consumers:
+        # a consumer may read several groups side by side (torch.cat) or, as a grouped conv,
+        # 1/groups of them per output: shrink only this group's columns
+        yield c.module, "weight", 1, None, (g.size - k) * c.repeat // c.groups
 
-    def shape(mname: str, tname: str) -> list[int] | None:
-        key = (mname, tname)
-        if key not in shapes:
-            t = getattr(get_module(model, mname), tname, None)
-            if not isinstance(t, nn.Parameter):
-                return None
-            shapes[key] = list(t.shape)
-        return shapes[key]
 
+def _new_shapes(
+    view: nn.Module, groups: list, widths: dict[str, int]
+) -> dict[tuple[str, str], tuple[nn.Parameter, list[int]]]:
+    """{(module, tensor): (the parameter as ``view`` resolves it, its shape after the plan)}."""
+    shapes: dict[tuple[str, str], tuple[nn.Parameter, list[int]]] = {}
     for g in groups:
         k = widths.get(g.name, g.size)
         if k == g.size:
             continue
-        for m in _owner_modules(g):
-            for tname in ("weight", "bias"):
-                s = shape(m, tname)
-                if s is not None:
-                    s[0] = k
-        for c in g.consumers:
-            s = shape(c.module, "weight")
-            if s is not None:
-                # a consumer may read several groups side by side (torch.cat) or, as a grouped
-                # conv, 1/groups of them per output: shrink only this group's columns
-                s[1] -= (g.size - k) * c.repeat // c.groups
-    total = 0
-    seen: set[int] = set()
+        for mname, tname, dim, new, removed in _shrinks(g, k):
+            key = (mname, tname)
+            if key not in shapes:
+                t = getattr(get_module(view, mname), tname, None)
+                if not isinstance(t, nn.Parameter):
+                    continue
+                shapes[key] = (t, list(t.shape))
+            s = shapes[key][1]
+            s[dim] = new if new is not None else s[dim] - removed
+    return shapes
+
+
+def params_after(
+    model: nn.Module,
+    groups: list,
+    widths: dict[str, int],
+    view: nn.Module | None = None,
+) -> int:
+    """Parameter count of ``model`` once each group ``name`` keeps ``widths[name]`` units.
+
+    The one parameter counter: channel groups (any producers, channel ops and consumers,
+    grouped and concatenating consumers) and head groups (q/k/v rows, o columns).
+
+    Args:
+        model: the model.
+        groups: :class:`~netfold.graph.groups.ChannelGroup` /
+            :class:`~netfold.graph.groups.HeadGroup`; groups missing from ``widths`` keep
+            their size.
+        widths: {group name: units kept} (channels, or head-clustering units).
+        view: where the groups' module names resolve (an
+            :class:`~netfold.fold.views.Overlay` showing fused / transposed projections as
+            Linear parts); default ``model``.
+    """
+    view = model if view is None else view
+    shapes = _new_shapes(view, groups, widths)
     by_id: dict[int, tuple[str, str]] = {}
     for mname, mod in model.named_modules():
         for tname, p in mod._parameters.items():
             if p is not None and id(p) not in by_id:
                 by_id[id(p)] = (mname, tname)
+    total = 0
+    seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         key = by_id.get(id(p))
         s = shapes.get(key) if key else None
-        total += math.prod(s) if s is not None else p.numel()
+        total += math.prod(s[1]) if s is not None and s[0] is p else p.numel()
+    # parts of fused / transposed projections (the Overlay's own tensors): their change
+    for t, s in shapes.values():
+        if id(t) not in seen:
+            total += math.prod(s) - t.numel()
     return total
+
+
+def params_removed(
+    model: nn.Module, g: ChannelGroup | HeadGroup, width: int, view: nn.Module | None = None
+) -> int:
+    """Parameters the group's own tensors lose when it keeps ``width`` units (0 at full width).
+
+    Args:
+        model: the model (``view``: as in :func:`params_after`).
+        g: the group.
+        width: units kept.
+    """
+    shapes = _new_shapes(model if view is None else view, [g], {g.name: width})
+    return sum(t.numel() - math.prod(s) for t, s in shapes.values())
 
 
 def plan_widths(
@@ -114,26 +180,81 @@ def plan_widths(
         widths = _cost_widths(model, groups, config, mode, progress)
         return {n: _aligned(by_name[n], k) for n, k in widths.items()}
     if config.target_sparsity is None:
-        return _widths_at(groups, config, config.ratio)
-    return _widths_at(groups, config, _uniform_ratio(model, groups, config, config.target_sparsity))
+        return widths_at(groups, config, config.ratio)
+    return widths_at(groups, config, _uniform_ratio(model, groups, config, config.target_sparsity))
 
 
-def _widths_at(groups: list[ChannelGroup], config: FoldConfig, r: float) -> dict[str, int]:
-    """Widths with ratio ``r`` wherever no per-group override or skip applies."""
+RatioOf = Callable[..., "float | None"]
+
+
+def widths_at(
+    groups: list, config: FoldConfig, r: float | None, ratio_of: RatioOf = group_ratio
+) -> dict[str, int]:
+    """Widths of the foldable groups with ratio ``r`` wherever no per-group override or skip
+    applies.
+
+    Args:
+        groups: channel and / or head groups.
+        config: ``ratios`` / ``skip`` / ``min_channels`` / ``round_to``.
+        r: the default ratio (None: ``config.ratio``).
+        ratio_of: ``(group, config, default=) -> ratio or None`` (None: the group is skipped);
+            decoders pass theirs, which also switches attention / MLP groups off.
+    """
     out = {}
     for g in groups:
         if g.foldable:
-            rr = group_ratio(g, config, default=r)
+            rr = ratio_of(g, config, default=r)
             if rr is not None:
-                out[g.name] = _aligned(g, width_for(g.size, rr, config, g.head_size))
+                out[g.name] = _aligned(g, group_width(g, rr, config))
     return out
 
 
-def _aligned(g: ChannelGroup, k: int) -> int:
+def explicit_widths(groups: list, widths: dict[str, int]) -> dict[str, int]:
+    """Validated explicit widths ``{group name: channels, or query heads of a head group}``
+    as units kept per group.
+
+    Raises:
+        ValueError: an unknown group name, or a width the group cannot meet.
+    """
+    by_name = {g.name: g for g in groups}
+    out: dict[str, int] = {}
+    for name, w in widths.items():
+        g = by_name.get(name)
+        if g is None:
+            raise ValueError(f"no foldable group named {name!r}")
+        if isinstance(g, HeadGroup):
+            out[name] = g.units_for_heads(int(w))
+        else:
+            if not 1 <= int(w) <= g.size:
+                raise ValueError(f"{name}: width {w} outside [1, {g.size}]")
+            out[name] = int(w)
+    return out
+
+
+def _aligned(g: ChannelGroup | HeadGroup, k: int) -> int:
     """``k`` rounded to the nearest multiple of the group's conv groups (at least one each)."""
-    if g.align == 1:
+    align = getattr(g, "align", 1)
+    if align == 1:
         return k
-    return min(g.size, max(g.align, int(round(k / g.align)) * g.align))
+    return min(g.size, max(align, int(round(k / align)) * align))
+
+
+def uniform_ratio(
+    model: nn.Module,
+    groups: list,
+    config: FoldConfig,
+    target_params: float,
+    *,
+    ratio_of: RatioOf = group_ratio,
+    view: nn.Module | None = None,
+) -> float:
+    """The one ratio whose widths (:func:`widths_at`) come closest to ``target_params``
+    parameters (:func:`bisect_ratio` over :func:`params_after`). Reachability is the caller's
+    check (``params_at(MAX_RATIO)``)."""
+    return bisect_ratio(
+        lambda r: params_after(model, groups, widths_at(groups, config, r, ratio_of), view),
+        target_params,
+    )
 
 
 MAX_RATIO = 1.0 - 1e-9
@@ -168,20 +289,13 @@ def _uniform_ratio(
 ) -> float:
     """The one ratio whose widths come closest to parameter sparsity ``target`` (bisection)."""
     total = count_params(model)
-
-    def sparsity(r: float) -> float:
-        return 1.0 - params_after(model, groups, _widths_at(groups, config, r)) / total
-
-    max_sp = sparsity(MAX_RATIO)
+    max_sp = 1.0 - params_after(model, groups, widths_at(groups, config, MAX_RATIO)) / total
     if target > max_sp + 1e-9:
         raise ValueError(
             f"target_sparsity {target:.3f} is unreachable: folding every foldable group to "
             f"min_channels={config.min_channels} removes only {max_sp:.3f} of the parameters"
         )
-    return bisect_ratio(
-        lambda r: params_after(model, groups, _widths_at(groups, config, r)),
-        total * (1.0 - target),
-    )
+    return uniform_ratio(model, groups, config, total * (1.0 - target))
 
 
 def _cost_widths(
@@ -191,7 +305,7 @@ def _cost_widths(
     total = count_params(model)
     if config.target_sparsity is None:
         r_u = config.ratio  # the budget is what this uniform ratio gives
-        target_params = params_after(model, groups, _widths_at(groups, config, r_u))
+        target_params = params_after(model, groups, widths_at(groups, config, r_u))
     else:
         target_params = int(round(total * (1.0 - config.target_sparsity)))
         r_u = _uniform_ratio(model, groups, config, config.target_sparsity)

@@ -33,7 +33,7 @@ from netfold.fuse.core import fuse
 from netfold.fuse.record import call_model
 from netfold.fuse.verify import flat_outputs
 
-__all__ = ["PATHS", "parse_path", "path_label", "benchmark_paths"]
+__all__ = ["PATHS", "benchmark_paths", "parse_path", "path_label", "randomize_bn"]
 
 PATHS = ("eager", "fused", "compile", "fused_compile", "ort", "fused_ort")
 BACKENDS = ("eager", "compile", "ort")
@@ -267,3 +267,23 @@ def _ort(sess: Any, x: Any) -> Callable[[], Any]:
         return torch.from_numpy(sess.run(None, feed)[0])
 
     return run
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (in place).
+
+    Freshly constructed BatchNorms have mean 0, var 1, weight 1, bias 0: folding them is
+    trivially exact. Random statistics make exactness tests and benchmarks meaningful.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                    m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+                if m.weight is not None:
+                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return model

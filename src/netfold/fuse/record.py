@@ -26,6 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..eval.cost import call_model  # re-exported: fuse modules call models through it
+
 __all__ = [
     "Key",
     "OpRecord",
@@ -265,20 +267,6 @@ class _Tape(TorchFunctionMode):
         for k in dict.fromkeys(in_keys):
             rec.consumers[k].append(op.index)
         return out
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on example inputs: a Tensor, a tuple/list of positional args or a kwargs dict."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    raise TypeError(
-        "example_inputs must be a Tensor, a tuple of positional arguments or a dict of keyword "
-        f"arguments, got {type(inputs).__name__}"
-    )
 
 
 def record_forward(model: nn.Module, inputs: Any) -> Recording:

@@ -8,8 +8,11 @@ import shlex
 import sys
 from pathlib import Path
 
+__all__ = ["add_bench_parsers", "cmd_bench", "cmd_bench_plot"]
 
-def add_bench_parsers(sub) -> None:
+
+def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``netfold bench`` and ``netfold bench-plot`` on a subparsers object."""
     p = sub.add_parser(
         "bench", help="run an experiment config (model x method x repair x ratio) to JSON"
     )
@@ -29,10 +32,11 @@ def add_bench_parsers(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``netfold bench``: one experiment config to results JSON (and plots)."""
     import torch
 
-    from .plots import plot_results
-    from .sweep import run_sweep
+    from ..bench.plots import plot_results
+    from ..bench.sweep import run_sweep
 
     config = json.loads(Path(args.config).read_text())
     if args.threads:
@@ -48,8 +52,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_results
-    from .sweep import _atomic_json, merge_results
+    """Run ``netfold bench-plot``: plots and a table from results JSON."""
+    from ..bench.plots import plot_results
+    from ..bench.sweep import _atomic_json, merge_results
 
     parts = [json.loads(Path(r).read_text()) for r in args.results]
     if len(parts) > 1 and not args.merge_into:

@@ -1,11 +1,10 @@
-"""CLI glue for ``netfold export`` and ``netfold bench-latency`` (argparse in, files/tables out).
+"""``netfold export`` and ``netfold bench-latency`` (argparse in, files/tables out).
 
 Models are loaded by :func:`netfold.hub.load`, the loader every command shares, so any folder
 ``netfold fold`` wrote (CNN or LLM) exports and benchmarks with the input shape it recorded;
 ``--input-shape`` / ``--image-size`` override it. Bare architecture names (``resnet18``) get
-random weights and seeded random BatchNorm statistics (:func:`randomize_bn`), so fusing them is
-not trivially exact. transformers / torchvision are imported lazily, inside the loaders, so
-algorithm code in ``netfold.fuse`` never depends on them.
+random weights and seeded random BatchNorm statistics
+(:func:`netfold.fuse.bench.randomize_bn`), so fusing them is not trivially exact.
 
     netfold export r18/ --onnx r18.onnx [--fuse]
     netfold bench-latency r18/ --batch 1 8 --paths eager,fused,ort
@@ -14,111 +13,36 @@ algorithm code in ``netfold.fuse`` never depends on them.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import sys
+import tempfile
 from typing import Any
 
 import torch
-from torch import nn
+
+from ..fuse.bench import randomize_bn
+from .common import (
+    check_output,
+    input_shape_arg,
+    json_option,
+    load_model,
+    model_args,
+    parse_input_shape,
+    positive,
+    resolve_input_shape,
+)
 
 __all__ = [
-    "LoadedModel",
-    "load_model",
-    "randomize_bn",
-    "add_export_parser",
     "add_bench_latency_parser",
-    "cmd_export",
+    "add_export_parser",
     "cmd_bench_latency",
+    "cmd_export",
 ]
-
-
-@dataclass
-class LoadedModel:
-    """A model plus how to make inputs for it.
-
-    Attributes:
-        model: the module, in eval mode.
-        kind: "vision" (input ``(N, C, H, W)``) or "lm" (``input_ids`` ``(N, T)``).
-        name: the spec it was loaded from.
-        image_size: H = W for vision models.
-        channels: C for vision models.
-        vocab_size: for language models.
-    """
-
-    model: nn.Module
-    kind: str
-    name: str
-    image_size: int = 224
-    vocab_size: int = 0
-    channels: int = 3
-
-    def example_inputs(self, batch: int = 1, seq_len: int = 32, seed: int = 0) -> Any:
-        """Deterministic example inputs: a Tensor for vision, ``{"input_ids": ...}`` for LMs."""
-        g = torch.Generator().manual_seed(seed)
-        if self.kind == "vision":
-            return torch.randn(batch, self.channels, self.image_size, self.image_size, generator=g)
-        ids = torch.randint(0, self.vocab_size, (batch, seq_len), generator=g)
-        return {"input_ids": ids, "use_cache": False}
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters (in place).
-
-    Freshly constructed BatchNorms have mean 0, var 1, weight 1, bias 0: folding them is
-    trivially exact. Random statistics make exactness tests and benchmarks meaningful.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                    m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-    return model
-
-
-def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
-    """Load a model through :func:`netfold.hub.load` (any spec it takes), as a :class:`LoadedModel`.
-
-    An architecture built without weights gets seeded random BatchNorm statistics
-    (:func:`randomize_bn`), so fusing it is not trivially exact.
-
-    Args:
-        spec: anything :func:`netfold.hub.load` takes.
-        seed: seeds random weights / BatchNorm statistics of bare architectures.
-
-    Returns:
-        A :class:`LoadedModel` in eval mode.
-    """
-    from netfold import hub
-
-    torch.manual_seed(seed)
-    model, _, info = hub.load(spec)
-    return _loaded(model, info, seed)
-
-
-def _loaded(model: nn.Module, info: Any, seed: int) -> LoadedModel:
-    if info.random_weights:
-        randomize_bn(model, seed)
-    if info.kind == "tokens":
-        return LoadedModel(model, "lm", info.spec, vocab_size=int(info.vocab_size or 0))
-    shape = info.input_shape
-    if shape is None or len(shape) != 3 or shape[1] != shape[2]:
-        raise ValueError(f"{info.spec}: takes inputs of shape {shape}, not square images")
-    lm = LoadedModel(model, "vision", info.spec, image_size=shape[1])
-    lm.channels = shape[0]
-    return lm
 
 
 def _cli_model(args: argparse.Namespace, *, dtype: str | None = None):
     """(model, info, example-input maker) from the shared model options of ``args``."""
-    from netfold import cli
-
     torch.manual_seed(args.seed)
-    model, _, info = cli.load_model(args, dtype=dtype)
+    model, _, info = load_model(args, dtype=dtype)
     if info.random_weights:
         randomize_bn(model, args.seed)  # fusing fresh BatchNorms would be trivially exact
         print(f"{args.model}: random weights, seeded BatchNorm statistics (seed {args.seed})")
@@ -126,8 +50,8 @@ def _cli_model(args: argparse.Namespace, *, dtype: str | None = None):
         print(f"input: token ids (batch, {args.seq_len})")
         shape = None
     else:
-        shape, note = cli.resolve_input_shape(
-            info, cli._input_shape(args.input_shape), image_size=args.image_size
+        shape, note = resolve_input_shape(
+            info, parse_input_shape(args.input_shape), image_size=args.image_size
         )
         print(f"input shape {shape} ({note})")
 
@@ -142,8 +66,6 @@ def _cli_model(args: argparse.Namespace, *, dtype: str | None = None):
 
 def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``netfold export MODEL --onnx out.onnx`` on a subparsers object."""
-    from netfold.cli import input_shape_arg, model_args
-
     p = sub.add_parser("export", help="export a model (optionally fused) to ONNX and check it")
     model_args(
         p,
@@ -165,14 +87,13 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Handler of ``netfold export``: load, optionally fuse, export, compare with ONNX Runtime."""
-    from netfold.cli import _input_shape, check_output, json_option, positive
-    from netfold.export import check_onnx, export_onnx
-    from netfold.fuse import format_decision_log, fuse
+    from ..export import check_onnx, export_onnx
+    from ..fuse import format_decision_log, fuse
 
     check_output(args.onnx, "--onnx", directory=False)
     positive(args, "batch", "image_size", "seq_len", "opset")
     json_option(args.model_kwargs, "--model-kwargs")
-    _input_shape(args.input_shape)
+    parse_input_shape(args.input_shape)
     model, info, inputs = _cli_model(args, dtype=args.dtype or "fp32")
     x = inputs(args.batch)
     if args.fuse:
@@ -197,8 +118,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_bench_latency_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``netfold bench-latency MODEL`` on a subparsers object."""
-    from netfold.cli import input_shape_arg, model_args
-
     p = sub.add_parser(
         "bench-latency",
         help="latency of eager / fused eager / torch.compile / ONNX Runtime (median of repeats)",
@@ -227,12 +146,8 @@ def add_bench_latency_parser(sub: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     """Handler of ``netfold bench-latency``: prints a table, optionally writes JSON."""
-    import sys
-    import tempfile
-
-    from netfold.cli import _input_shape, check_output, json_option, positive
-    from netfold.eval.latency import format_latency_table
-    from netfold.fuse.bench import benchmark_paths
+    from ..eval.latency import format_latency_table
+    from ..fuse.bench import benchmark_paths
 
     check_output(args.json, "--json", directory=False)
     check_output(args.workdir, "--workdir")
@@ -245,7 +160,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError(f"--paths names no path: {args.paths!r}")
     json_option(args.model_kwargs, "--model-kwargs")
-    _input_shape(args.input_shape)
+    parse_input_shape(args.input_shape)
     # Latency is measured in float32: the dtype ONNX Runtime and torch run fastest on CPU.
     model, info, inputs = _cli_model(args, dtype="fp32")
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,9 @@ import argparse
 
 import torch
 
-from .config import CollapseConfig
+from .. import hub
+from ..collapse.config import CollapseConfig
+from .common import check_output, json_option, load_model, model_args, positive
 
 __all__ = ["add_collapse_parser", "cmd_collapse"]
 
@@ -23,8 +25,6 @@ def add_collapse_parser(sub) -> argparse.ArgumentParser:
     """Register the ``collapse`` subcommand on an argparse subparsers object."""
     d = CollapseConfig()
     p = sub.add_parser("collapse", help="LayerCollapse: linearise activations, fine-tune, merge")
-    from ..cli import model_args
-
     model_args(p)
     p.add_argument("--data", help="fine-tuning / evaluation data set (fashion-mnist, or none)")
     p.add_argument("--subset", type=int, default=10000, help="training images for fine-tuning")
@@ -42,15 +42,14 @@ def add_collapse_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning subset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", help="directory to save the collapsed model")
+    p.set_defaults(func=cmd_collapse)
     return p
 
 
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Run the ``collapse`` subcommand; returns the exit status."""
-    from ..cli import check_output, json_option, load_model, positive
+    from ..collapse.api import collapse
     from ..eval.accuracy import evaluate_accuracy
-    from ..io import save
-    from .api import collapse
 
     # Every argument is checked before the model is loaded or a thread count changes.
     check_output(args.out, "--out")
@@ -103,6 +102,6 @@ def cmd_collapse(args: argparse.Namespace) -> int:
         print(f"  accuracy {100 * acc0:.2f}% -> {100 * acc1:.2f}%")
         report.extra.update(accuracy_before=acc0, accuracy_after=acc1)
     if args.out:
-        save(model, args.out, metadata={"report": report.to_dict()})
+        hub.save(model, args.out, metadata={"report": report.to_dict()})
         print(f"saved to {args.out}")
     return 0
