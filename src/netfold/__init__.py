@@ -13,6 +13,7 @@ from .hub import save
 from .merge import MergeConfig, merge
 from .registry import register_arch
 from .report import GroupReport, Report
+from .scale import fold_folder
 
 __all__ = [
     "CollapseConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "collapse",
     "find_groups",
     "fold",
+    "fold_folder",
     "fuse",
     "load",
     "merge",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -108,6 +109,16 @@ def add_fold_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calib-text", default="pydocs", help="LLM calibration text (repair='data')")
     p.add_argument("--calib-windows", type=int, default=16, help="LLM: 512-token windows")
     p.add_argument("--sample", help="LLM: greedy generation of this prompt before and after")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="LLM folder: fold layer by layer from the safetensors shards (automatic when the "
+        "float32 model would not fit in memory)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="--stream: local worker processes")
+    p.add_argument("--ray-address", help="--stream: Ray cluster address ('local' starts one)")
+    p.add_argument("--threads", type=int, help="--stream: torch threads per layer job")
+    p.add_argument("--device", default="cpu", help="--stream: where layers fold (cpu, cuda)")
     p.set_defaults(func=cmd_fold)
     return p
 
@@ -200,6 +211,60 @@ def cmd_fold_llm(args: argparse.Namespace, model: nn.Module, tok) -> int:
     return 0
 
 
+def cmd_fold_stream(args: argparse.Namespace) -> int:
+    """``netfold fold DIR --out OUT --stream``: layer by layer from safetensors shards."""
+    from ..config import LLMConfig
+    from ..scale import fold_folder
+
+    if not args.out:
+        raise ValueError("--stream writes a folder: pass --out DIR")
+    ratio = args.ratio
+    if ratio is None and args.target_sparsity is None:
+        ratio = 0.2  # as the in-RAM LLM fold
+    cfg = FoldConfig(
+        ratio=ratio,
+        target_sparsity=args.target_sparsity,
+        method=args.method,
+        repair=args.repair,
+        seed=args.seed,
+        allocation=args.allocation,
+        skip=tuple(args.skip or ()),
+        round_to=args.round_to,
+        llm=LLMConfig(heads=args.heads, correction=args.correction, features=args.features),
+    )
+    report = fold_folder(
+        args.model,
+        args.out,
+        cfg,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        threads=args.threads,
+        device=args.device,
+        progress=True,
+    )
+    print(report)
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _stream_wanted(args: argparse.Namespace) -> bool:
+    """--stream, --workers/--ray-address, or a safetensors folder too big to fold in RAM."""
+    if args.stream or args.workers > 1 or args.ray_address:
+        return True
+    p = Path(args.model)
+    if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        return False
+    from ..scale import needs_streaming
+
+    try:
+        big = needs_streaming(p)
+    except ValueError:
+        return False
+    if big:
+        print("netfold: the float32 model would not fit in memory: folding layer by layer")
+    return big
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     """Run ``netfold fold``; returns the exit status."""
     from ..api import fold
@@ -207,6 +272,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     # Every option is checked before the model is loaded.
     check_output(args.out, "--out")
+    if _stream_wanted(args):
+        return cmd_fold_stream(args)
     positive(args, "calib", "calib_windows", "round_to", "seqlen", "max_windows")
     json_option(args.model_kwargs, "--model-kwargs")
     data_name = no_data(args.data)

@@ -9,9 +9,11 @@ Linear parts) and the new tensors are re-fused by :func:`~netfold.fold.views.wri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +29,8 @@ from . import auto
 from . import llm as L
 from .allocate import greedy_allocation
 from .checks import check_finite, check_patterns
-from .cluster import canonical, cluster_with
+from .cluster import Clustering, canonical, cluster_with
+from .kmeans import kmeans
 from .llm_stages import Stages, self_check_after, self_check_before
 from .magnitude import magnitude_keep
 from .merge import TensorState
@@ -613,10 +616,21 @@ def fold_decoder(
                 labels_of[g.name] = keep.tolist()
                 continue
             x = inputs[g.name] if inputs is not None else None
-            with stage("features"):
-                X = _mlp_cluster_features(view, g, feats, x)
-            with stage("clustering"):
-                c = _cluster_protected(X, k, prot, config)
+            if feats == "weights" and config.method == "kmeans" and g.size >= LARGE_GROUP:
+                # a 7B-size MLP: k-means on a seeded projection of the weight features (never
+                # formed: L.mlp_projected_features), the cost J exact in the full space
+                with stage("features"):
+                    Z = L.mlp_projected_features(view, g, LARGE_PROJECTION, config.seed)
+                with stage("clustering"):
+                    c = _cluster_protected(Z, k, prot, config, _cluster_projected)
+                    c = type(c)(c.labels, L.mlp_folding_cost(view, g, c.labels, k))
+                del Z
+            else:
+                with stage("features"):
+                    X = _mlp_cluster_features(view, g, feats, x)
+                with stage("clustering"):
+                    c = _cluster_protected(X, k, prot, config)
+                del X
             z, how = None, correction
             if inputs is not None and refit:
                 z = inputs[g.name]
@@ -703,21 +717,79 @@ def _refit_kind(refit: str, rows: int, k: int) -> str:
     return "data" if refit == "full" else "lsq"
 
 
-def _cluster_protected(X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig):
-    """Cluster rows of X into k clusters, each protected row alone in its own cluster."""
+def _cluster_protected(
+    X: torch.Tensor, k: int, prot: torch.Tensor, config: FoldConfig, how: Callable | None = None
+):
+    """Cluster rows of X into k clusters, each protected row alone in its own cluster.
+
+    ``how``: the clustering call ``(X, k, config) -> Clustering`` (default :func:`_cluster`).
+    """
+    how = how or _cluster
     n = X.shape[0]
     if prot.numel() == 0 or k <= prot.numel():
-        return _cluster(X, k, config)
+        return how(X, k, config)
     rest = torch.ones(n, dtype=torch.bool)
     rest[prot] = False
     idx = rest.nonzero().flatten()
-    c = _cluster(X[idx], k - prot.numel(), config)
+    c = how(X[idx], k - prot.numel(), config)
     labels = torch.empty(n, dtype=torch.long)
     labels[idx] = c.labels
     labels[prot] = torch.arange(k - prot.numel(), k)
     return type(c)(canonical(labels), c.cost)
 
 
+# Groups of at least this many channels (a Llama-2-7B MLP: 11008) run one k-means on a
+# seeded random projection to LARGE_PROJECTION dims: the exact Gram search with n_init
+# restarts costs n^2 d per restart there (minutes per layer on a CPU) and the float32 feature
+# matrix alone is 541 MB. Weight features are projected without being formed and clustered
+# exactly in the projection (_cluster_projected); other features (activations) use
+# kmeans(projection_dim=...), refined in the full space. Smaller groups (SmolLM2: 1536) stay
+# exact. The in-RAM fold and the streaming fold (fold/stream.py) share this rule.
+LARGE_GROUP = L.LARGE_GROUP
+LARGE_PROJECTION = 256
+_device: contextvars.ContextVar[str | None] = contextvars.ContextVar("cluster_device", default=None)
+
+
+@contextlib.contextmanager
+def cluster_device(device: str | torch.device | None) -> Iterator[None]:
+    """Run the k-means of folds inside this block on ``device`` (labels come back to CPU)."""
+    token = _device.set(None if device is None else str(device))
+    try:
+        yield
+    finally:
+        _device.reset(token)
+
+
+def _cluster_projected(Z: torch.Tensor, k: int, config: FoldConfig) -> Clustering:
+    """One seeded k-means run on already projected features Z (n, p); cost in Z's space."""
+    dev = _device.get()
+    res = kmeans(
+        Z if dev is None else Z.to(dev),
+        k,
+        n_init=1,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        seed=config.seed,
+    )
+    return Clustering(canonical(res.labels.cpu()), float(res.inertia))
+
+
 def _cluster(X: torch.Tensor, k: int, config: FoldConfig):
     # float32 distances once there are enough rows for it to matter (a 7B MLP layer)
-    return cluster_with(X.float() if X.shape[0] > 64 else X, k, config)
+    X = X.float() if X.shape[0] > 64 else X
+    dev = _device.get()
+    if dev is not None:
+        X = X.to(dev)
+    if config.method == "kmeans" and X.shape[0] >= LARGE_GROUP and 1 < k < X.shape[0]:
+        res = kmeans(
+            X,
+            k,
+            n_init=1,
+            max_iter=config.max_iter,
+            tol=config.tol,
+            seed=config.seed,
+            projection_dim=LARGE_PROJECTION,
+        )
+        return Clustering(canonical(res.labels.cpu()), float(res.inertia))
+    c = cluster_with(X, k, config)
+    return Clustering(c.labels.cpu(), c.cost)

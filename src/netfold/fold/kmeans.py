@@ -260,13 +260,22 @@ def _search(
         # Random projection for seeding and assignment; exact refinement on Xc.
         proj = torch.randn(d, p, generator=gen, dtype=Xw.dtype).to(device) / math.sqrt(p)
         pspace = _DirectSpace(Xc @ proj)
+        # The search runs in the Gram form of the projected points when that is cheaper (many
+        # clusters: a 7B MLP at k ~ 0.8 n), with the lockstep seeding of the exact path.
+        pgram = (
+            device.type == "cpu" and init == "k-means++" and _use_gram(n, p, k, n_init, max_iter)
+        )
+        search: _GramSpace | _DirectSpace = _GramSpace(pspace.Z) if pgram else pspace
+        seeds = _kmeanspp_gram_cpu_batch(search, k, gen, n_init) if pgram else None
         best_p: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
-        with _serial_cpu(_run_serial(device, False, n, k, p)):
-            for _ in range(n_init):
-                labels, n_iter = _single_run(pspace, k, gen, init, max_iter, tol)
-                labels, centers_c, inertia, n_ref = _refine_exact(Xc, pspace, labels, k, tol)
-                if best_p is None or inertia < best_p[0]:
-                    best_p = (inertia, labels, centers_c, n_iter + n_ref)
+        for r in range(n_init):
+            with _serial_cpu(_run_serial(device, pgram, n, k, p)):
+                s = None if seeds is None else seeds[r]
+                labels, n_iter = _single_run(search, k, gen, init, max_iter, tol, s)
+            labels, centers_c, inertia, n_ref = _refine_exact(Xc, pspace, labels, k, tol)
+            if best_p is None or inertia < best_p[0]:
+                best_p = (inertia, labels, centers_c, n_iter + n_ref)
+        del search
         assert best_p is not None
         inertia, labels, centers_c, n_iter = best_p
     return labels, centers_c, inertia, n_iter, mean
@@ -768,10 +777,14 @@ def _best_of_candidates(
     labels = torch.empty(n, dtype=torch.long, device=X.device)
     mind = torch.empty(n, dtype=X.dtype, device=X.device)
     step = max(1, _BLOCK_ELEMS // (m * d))
+    csq = _row_sqnorms(C)
+    xsq = _row_sqnorms(X)
     for s in range(0, n, step):
         e = min(n, s + step)
-        diff = C[cand[s:e]] - X[s:e].unsqueeze(1)  # (b, m, d)
-        dist = (diff * diff).sum(dim=2)
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one batched matmul over the gathered
+        # candidates instead of three passes over a (b, m, d) difference
+        xc = torch.bmm(C[cand[s:e]], X[s:e].unsqueeze(2)).squeeze(2)  # (b, m)
+        dist = (csq[cand[s:e]] - 2.0 * xc + xsq[s:e, None]).clamp_min_(0)
         best = torch.min(dist, dim=1)
         mind[s:e] = best.values
         labels[s:e] = cand[s:e].gather(1, best.indices.unsqueeze(1)).squeeze(1)

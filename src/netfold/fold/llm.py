@@ -63,13 +63,26 @@ def _scale(model: nn.Module, g: ChannelGroup | HeadGroup, hidden: int) -> torch.
     return input_scale(model, g.input_norm, hidden, g.norm_offset)
 
 
-def _rows(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor, ...]:
-    """Producer weights of an MLP group, float64: (gate, up) for a gated MLP, (fc1,) plain."""
-    return tuple(_w(model, p).to(DT) for p in g.producers)
+# MLP groups of at least this many channels (a 7B-size MLP: 11008) compute their features,
+# gains and merges in float32: the float64 copies of one such layer's weights (2 GB and more)
+# would dominate the memory of a layer-by-layer fold. Smaller groups keep float64.
+LARGE_GROUP = 4096
 
 
-def _biases(model: nn.Module, g: ChannelGroup) -> tuple[torch.Tensor | None, ...]:
-    return tuple(None if (b := _b(model, p)) is None else b.to(DT) for p in g.producers)
+def work_dtype(g: ChannelGroup) -> torch.dtype:
+    """The dtype the MLP math of group ``g`` runs in (float64; float32 for large groups)."""
+    return torch.float32 if g.size >= LARGE_GROUP else DT
+
+
+def _rows(model: nn.Module, g: ChannelGroup, dt: torch.dtype = DT) -> tuple[torch.Tensor, ...]:
+    """Producer weights of an MLP group in ``dt``: (gate, up) for a gated MLP, (fc1,) plain."""
+    return tuple(_w(model, p).to(dt) for p in g.producers)
+
+
+def _biases(
+    model: nn.Module, g: ChannelGroup, dt: torch.dtype = DT
+) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if (b := _b(model, p)) is None else b.to(dt) for p in g.producers)
 
 
 def mlp_hidden(
@@ -94,14 +107,64 @@ def mlp_features(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
 
     Gated: [gate * s | up * s | down], (I, 3h); plain: [fc1 * s | fc1 bias | down]. ``s`` is
     the norm scale in front of the MLP: rows are compared as they act on the normalised stream.
+    Float64, or float32 for groups of :data:`LARGE_GROUP` channels and more.
     """
-    rows = _rows(model, g)
-    s = _scale(model, g, rows[0].shape[1])
+    dt = work_dtype(g)
+    rows = _rows(model, g, dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
     cols = [r * s for r in rows]
-    cols += [b[:, None] for b in _biases(model, g) if b is not None]
+    cols += [b[:, None] for b in _biases(model, g, dt) if b is not None]
     for c in g.consumers:
-        cols.append(_w(model, c.module).to(DT).t())
+        cols.append(_w(model, c.module).to(dt).t())
     return torch.cat(cols, 1)
+
+
+def mlp_projected_features(model: nn.Module, g: ChannelGroup, p: int, seed: int) -> torch.Tensor:
+    """``mlp_features(model, g) @ R / sqrt(p)``, (I, p), without forming the (I, d) features.
+
+    ``R`` (d, p) is standard normal, drawn block by block (producer rows, biases, consumer
+    columns, in feature order) from a generator seeded with ``seed``. Each block is applied to
+    the weight it multiplies (``(r * s) @ R_r = r @ (s R_r)``), so the memory is (I, p) plus
+    one (h, p) block: a 7B-size MLP needs 11 MB instead of the 541 MB feature matrix.
+    """
+    dt = work_dtype(g)
+    gen = torch.Generator().manual_seed(seed)
+    rows = _rows(model, g, dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
+    out = torch.zeros(g.size, p, dtype=dt)
+    for r in rows:
+        out += r @ (s[:, None] * torch.randn(r.shape[1], p, generator=gen, dtype=dt))
+    for b in _biases(model, g, dt):
+        if b is not None:
+            out += b[:, None] * torch.randn(1, p, generator=gen, dtype=dt)
+    for c in g.consumers:
+        down = _w(model, c.module).to(dt)  # (h, I)
+        out += (torch.randn(down.shape[0], p, generator=gen, dtype=dt).t() @ down).t()
+    return out / p**0.5
+
+
+def mlp_folding_cost(model: nn.Module, g: ChannelGroup, labels: torch.Tensor, k: int) -> float:
+    """Exact folding cost J of ``labels`` on :func:`mlp_features`, block by block.
+
+    J = sum over feature blocks B of ||B||^2 - sum_c ||sum of cluster c's rows of B||^2 / |c|,
+    computed with index sums, never forming the whole (I, d) matrix.
+    """
+    dt = work_dtype(g)
+    counts = torch.bincount(labels, minlength=k).to(torch.float64).clamp_min(1.0)
+    rows = _rows(model, g, dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
+    blocks = [lambda r=r: r * s for r in rows]
+    blocks += [lambda b=b: b[:, None] for b in _biases(model, g, dt) if b is not None]
+    blocks += [lambda c=c: _w(model, c.module).to(dt).t() for c in g.consumers]
+    total = 0.0
+    for make in blocks:
+        B = make()
+        sums = torch.zeros(k, B.shape[1], dtype=B.dtype).index_add_(0, labels, B)
+        # squares in the block's dtype, sums accumulated in float64 (no float64 copies)
+        total += float((B * B).sum(dtype=torch.float64)) - float(
+            ((sums * sums).sum(1, dtype=torch.float64) / counts).sum()
+        )
+    return max(total, 0.0)
 
 
 def mlp_activation_features(
@@ -135,9 +198,10 @@ def channel_gain(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     A few channels ("super weights") have gains tens of times the median; they create the
     massive activations that attention sinks rely on, and merging them breaks the model.
     """
-    rows = _rows(model, g)
-    down = _w(model, g.consumers[0].module).to(DT)
-    s = _scale(model, g, rows[0].shape[1])
+    dt = work_dtype(g)
+    rows = _rows(model, g, dt)
+    down = _w(model, g.consumers[0].module).to(dt)
+    s = _scale(model, g, rows[0].shape[1]).to(dt)
     gain = down.norm(dim=0)
     for r in rows:
         gain = gain * (r * s).norm(dim=1)
@@ -155,6 +219,46 @@ def gaussian_inputs(hidden: int, n: int, seed: int) -> torch.Tensor:
     """(n, hidden) standard normal samples (the normalised residual stream, data-free)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, hidden, generator=g, dtype=DT)
+
+
+# n * k above which a clustering is applied with index ops instead of dense one-hot matrices:
+# a Llama-2-7B MLP folded to 80% (11008 x 8806) would need two 775 MB float64 matrices and
+# 8e11-flop matmuls per projection. Below it the dense form is kept (same results as before).
+DENSE_MAP_MAX = 1 << 24
+
+
+class ClusterMap:
+    """A clustering of ``n`` channels into ``k`` as the maps the merges apply.
+
+    ``mean(r)`` is ``A @ r`` (each cluster's mean row), ``sum_cols(d, w)`` is ``d @ (U * w)``
+    (each cluster's weighted column sum), ``sizes`` is ``U.sum(0)``; dense matrices for small
+    ``n * k``, ``index_add_`` (O(n) work instead of O(n k)) above :data:`DENSE_MAP_MAX`.
+    """
+
+    def __init__(self, labels: torch.Tensor, k: int, dtype: torch.dtype = DT) -> None:
+        self.labels, self.k = labels, k
+        self.dense = labels.numel() * k <= DENSE_MAP_MAX
+        if self.dense:
+            self.U, self.A = cluster_matrices(labels, k, dtype)
+            self.sizes = self.U.sum(0)
+        else:
+            self.sizes = torch.bincount(labels, minlength=k).to(dtype)
+            if bool((self.sizes == 0).any()):
+                raise ValueError("clustering left an empty cluster")
+
+    def mean(self, r: torch.Tensor) -> torch.Tensor:
+        """(n, ...) rows -> (k, ...) cluster means."""
+        if self.dense:
+            return self.A @ r
+        out = torch.zeros((self.k, *r.shape[1:]), dtype=r.dtype).index_add_(0, self.labels, r)
+        return out / self.sizes.to(r.dtype).view(-1, *([1] * (r.dim() - 1)))
+
+    def sum_cols(self, d: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """(h, n) columns (times per-column weights ``w`` (n,)) -> (h, k) cluster sums."""
+        if self.dense:
+            return d @ (self.U if w is None else self.U * w[:, None])
+        dd = d if w is None else d * w[None, :]
+        return torch.zeros(d.shape[0], self.k, dtype=d.dtype).index_add_(1, self.labels, dd)
 
 
 def merge_mlp(
@@ -177,16 +281,17 @@ def merge_mlp(
             MLP inputs (S, hidden); refits down_proj by ridge least squares).
     """
     down_n = g.consumers[0].module
-    U, A = cluster_matrices(labels, k, DT)
-    rows = _rows(model, g)
-    biases = _biases(model, g)
-    down = _get(state, model, down_n, "weight").to(DT)  # (h, I)
-    new = [A @ r for r in rows]
-    new_b = tuple(None if b is None else A @ b for b in biases)
-    N = U.sum(0)
+    wdt = work_dtype(g)
+    cmap = ClusterMap(labels, k, wdt)
+    rows = _rows(model, g, wdt)
+    biases = _biases(model, g, wdt)
+    down = _get(state, model, down_n, "weight").to(wdt)  # (h, I)
+    new = [cmap.mean(r) for r in rows]
+    new_b = tuple(None if b is None else cmap.mean(b) for b in biases)
+    N = cmap.sizes
     if correction == "scale":
         for i, r in enumerate(rows):
-            f = torch.sqrt((A @ (r * r).sum(1)) / (new[i] * new[i]).sum(1).clamp_min(1e-30))
+            f = torch.sqrt((cmap.mean((r * r).sum(1))) / (new[i] * new[i]).sum(1).clamp_min(1e-30))
             f = torch.minimum(f.clamp_min(1.0), N.sqrt())
             new[i] = new[i] * f[:, None]
     if correction in ("lsq", "data"):
@@ -206,14 +311,15 @@ def merge_mlp(
             num = (h_o * h_m[:, labels]).sum(0)  # (I,)
             den = (h_m * h_m).sum(0)[labels].clamp_min(1e-30)
             a = torch.where(den > 1e-20, num / den, torch.ones_like(num))
-            d_new = down @ (U * a[:, None])
+            d_new = cmap.sum_cols(down, a.to(wdt))
         else:
             c_mm = h_m.t() @ h_m
             c_om = h_o.t() @ h_m
             lam = ridge * float(torch.diagonal(c_mm).mean().clamp_min(1e-30))
-            d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), (down @ c_om).t()).t()
+            rhs = (down.to(DT) @ c_om).t()
+            d_new = torch.linalg.solve(c_mm + lam * torch.eye(k, dtype=DT), rhs).t()
     else:
-        d_new = down @ U
+        d_new = cmap.sum_cols(down)
     dt = _w(model, g.producers[0]).dtype
     for p, w, b in zip(g.producers, new, new_b):
         _put(state, p, "weight", w.to(dt))
