@@ -102,8 +102,7 @@ class RssSampler:
 
 
 def _ensure_checkpoint(shape: str, log, layers: int | None = None) -> tuple[Path, float | None]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import make_synthetic_llama as g
+    from netfold.bench import synthetic as g
 
     spec = dict(g.SHAPES[shape])
     d = SYNTH / shape
@@ -303,10 +302,8 @@ def part_shape(shape: str, args, log) -> dict:
 def part_ray(args, log) -> dict:
     import ray
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import make_synthetic_llama as g
-
     import netfold
+    from netfold.bench import synthetic as g
     from netfold.scale import fold_folder
 
     shape = dict(g.SHAPES["tiny"])

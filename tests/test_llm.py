@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -454,7 +453,7 @@ def _smollm2():
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_smollm2_fold_20pct_fast_and_reloads(tmp_path, two_threads):
+def test_smollm2_fold_20pct_warns_and_reloads(tmp_path, two_threads):
     """Uniform 20% folding of SmolLM2-135M (the default before "auto": uniform widths,
     repair "ar"). Measured (2 threads, pydocs, 2 windows of 256 tokens): dense ppl 18.04,
     folded 15,125 (ratio 838: uniform folding collapses this model, docs/llm.md), 46 CPU-s
@@ -465,12 +464,9 @@ def test_smollm2_fold_20pct_fast_and_reloads(tmp_path, two_threads):
     assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 9
     ids = tok(load_text("pydocs"), return_tensors="pt").input_ids[0]
     dense = perplexity(model, tok, ids=ids, seqlen=256, max_windows=2)
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    # (time is a benchmark's business: benchmarks/results/llm_default.json, not a unit test's)
     cfg = FoldConfig(target_sparsity=0.2, n_init=3, allocation="uniform", repair="ar")
     report = netfold.fold(model, cfg)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    # CPU seconds bound the wall time on an idle 2-core machine; wall time here depends on load
-    assert cpu < 70, (cpu, wall)  # measured 46 CPU-s (66 with n_init=10) + the self-check
     sc = report.extra["self_check"]
     assert sc["failed"] and sc["ratio"] > 10, sc  # measured 260x (67.8 -> 17,610), 42 CPU-s
     assert any(w.startswith("self-check FAILED") for w in report.warnings)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,9 @@ TINY = dict(
 
 
 def _generator():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import make_synthetic_llama as g
-    finally:
-        sys.path.pop(0)
-    return g
+    from netfold.bench import synthetic
+
+    return synthetic
 
 
 @pytest.fixture(scope="module")
