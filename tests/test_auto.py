@@ -309,7 +309,7 @@ def test_smollm2_self_check_identity_and_cost():
     self-perplexity 67.8 on 4 x 61 scored tokens (text sampled at temperature 1 after a random
     first token); the check took 8 s wall (2 threads, load ~6) and up to 58 CPU-s under a
     load of 15."""
-    from netfold.families.llama import load_smollm2
+    from netfold.hub import load_smollm2
 
     try:
         model, _tok = load_smollm2()

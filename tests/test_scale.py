@@ -16,7 +16,7 @@ import torch
 import netfold
 from netfold.fold import stream as S
 from netfold.hub import load_pretrained
-from netfold.scale import estimate_float32_bytes, fold_folder
+from netfold.scale import STREAM_AUTO_WARNING, _resolve_auto, estimate_float32_bytes, fold_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -58,7 +58,9 @@ def _one_thread():
 
 
 def _in_ram(src: Path, config: netfold.FoldConfig, dtype=torch.float32):
+    """The in-RAM fold with what "auto" means for streaming (uniform widths, repair "ar")."""
     model = load_pretrained(src, dtype=dtype)
+    config, _ = _resolve_auto(config)
     netfold.fold(model, config)
     return model
 
@@ -375,3 +377,13 @@ def test_cluster_map_index_form_equals_dense(monkeypatch):
     assert not torch.allclose(L.ClusterMap(labels.roll(1), 40).mean(r), dense.mean(r))
     with pytest.raises(ValueError, match="empty cluster"):
         L.ClusterMap(labels, 41)
+
+
+def test_auto_streaming_resolves_to_the_weight_recipe_and_says_so(ckpts, tmp_path):
+    """ "auto" cannot mean the in-RAM text recipe here: it becomes uniform/"ar", loudly."""
+    with pytest.warns(UserWarning, match="streaming fold: repair/allocation 'auto'"):
+        rep = fold_folder(ckpts["fp32"], tmp_path / "o", netfold.FoldConfig(ratio=0.25))
+    assert STREAM_AUTO_WARNING in rep.warnings
+    assert rep.config["repair"] == "ar" and rep.config["allocation"] == "uniform"
+    explicit = netfold.FoldConfig(ratio=0.25, repair="none", allocation="uniform")
+    assert _resolve_auto(explicit) == (explicit, None)  # negative control: nothing to resolve

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,29 @@ def run_layer(job: S.LayerJob) -> dict[str, Any]:
     return S.run_layer_job(job, layer_model, HOOKS)
 
 
+#: What "auto" means for the streaming fold: the data-free weight-feature recipe, the only one
+#: that needs no text (the in-RAM default samples the model's own text through the whole model).
+STREAM_AUTO = {"repair": "ar", "allocation": "uniform"}
+
+STREAM_AUTO_WARNING = (
+    "streaming fold: repair/allocation 'auto' resolved to the data-free weight-feature recipe "
+    "(uniform widths, repair='ar'); it cannot sample text or run the self-check, and on small "
+    "decoders it is far worse than the in-RAM default (SmolLM2-135M at 20%: uniform collapses, "
+    "the in-RAM cost allocation keeps 1.94x perplexity, docs/llm.md): fold in RAM when the "
+    "model fits"
+)
+
+
+def _resolve_auto(config: FoldConfig) -> tuple[FoldConfig, str | None]:
+    """``config`` with "auto" repair / allocation replaced by :data:`STREAM_AUTO`."""
+    import dataclasses
+
+    changes = {k: v for k, v in STREAM_AUTO.items() if getattr(config, k) == "auto"}
+    if not changes:
+        return config, None
+    return dataclasses.replace(config, **changes), STREAM_AUTO_WARNING
+
+
 def _check_config(config: FoldConfig) -> None:
     from .fold.repairs import get_repair
 
@@ -277,6 +301,7 @@ def fold_folder(
     cfg = _read_config(src)
     fam = _family(cfg)
     _check_out(out, src)
+    config, auto_note = _resolve_auto(config)
     _check_config(config)
     device = check_device(device)
     if compute_dtype not in (torch.float32, torch.float64):
@@ -431,6 +456,9 @@ def fold_folder(
         report.groups.append(GroupReport(g.name, before, after, g.modules, costs.get(local), None))
     if note:
         report.warnings.append(note)
+    if auto_note:
+        warnings.warn(auto_note, stacklevel=2)
+        report.warnings.append(auto_note)
     report.extra.update(
         mode="ray" if ray_address else ("processes" if workers > 1 else "sequential"),
         workers=workers,
