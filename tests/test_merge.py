@@ -502,6 +502,21 @@ def test_cli_merge_saves_the_api_result(saved_pair, tmp_path, capsys):
     assert loaded.conv3.out_channels == 16
 
 
+def test_cli_merge_concat_outputs(saved_pair, tmp_path, capsys):
+    """--outputs concat keeps both heads: the saved model gives the API's (N, 2 * 10) output."""
+    out = tmp_path / "merged"
+    argv = ["merge", *map(str, saved_pair), "--outputs", "concat", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    loaded = netfold.load(out)
+    models = [netfold.load(p) for p in saved_pair]
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    want, _ = merge(models, MergeConfig(outputs="concat"), example_inputs=x)
+    with torch.no_grad():
+        got = loaded(x)
+        torch.testing.assert_close(got, want(x), atol=1e-5, rtol=1e-5)
+    assert got.shape == (2, 20)  # negative control: the default averages to (2, 10)
+
+
 def test_cli_merge_errors(saved_pair, tmp_path, capsys):
     a, b = map(str, saved_pair)
     cases = [

@@ -11,6 +11,7 @@ import torch
 
 from .. import hub
 from ..config import DeepInversionConfig
+from ..merge.config import MERGE_OUTPUTS
 from .common import (
     check_dataset,
     check_fits,
@@ -46,6 +47,13 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--width", type=float, default=1.0, help="merged width as a multiple of one model's"
     )
     p.add_argument("--zip-layers", type=int, help="zipit: merge only the first N groups")
+    p.add_argument(
+        "--outputs",
+        choices=MERGE_OUTPUTS,
+        default="average",
+        help="average the models' outputs (same task), or keep each model's head and "
+        "concatenate their outputs (models trained on disjoint label sets)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and synthetic data")
     p.add_argument("--data", help="fashion-mnist (accuracy, repair, ZipIt! activations) or none")
     p.add_argument("--calib", type=int, default=512, help="calibration images")
@@ -83,6 +91,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         width=args.width,
         seed=args.seed,
         zip_layers=args.zip_layers,
+        outputs=args.outputs,
         deep_inversion=DeepInversionConfig(
             steps=args.dir_steps, batch_size=args.dir_batch, seed=args.seed
         ),
@@ -108,7 +117,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     use_data = calib if (args.repair == "data" or args.method == "zipit") else None
     merged, report = merge(models, cfg, example_inputs=example, data=use_data)
     print(report)
-    if test is not None:
+    if test is not None and cfg.outputs == "concat":
+        print("  accuracy not measured: concatenated heads answer disjoint label sets")
+    elif test is not None:
         accs = [evaluate_accuracy(m, *test) for m in models]
         acc = evaluate_accuracy(merged, *test)
         print("  accuracy " + " / ".join(f"{100 * a:.2f}%" for a in accs) + f" -> {100 * acc:.2f}%")
