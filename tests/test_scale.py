@@ -14,33 +14,19 @@ import pytest
 import torch
 
 import netfold
+from netfold.bench import synthetic
 from netfold.fold import stream as S
 from netfold.hub import load_pretrained
 from netfold.scale import STREAM_AUTO_WARNING, _resolve_auto, estimate_float32_bytes, fold_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=176,
-    vocab_size=256,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
-
-
-def _generator():
-    from netfold.bench import synthetic
-
-    return synthetic
+TINY = synthetic.SHAPES["tiny"]
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Tiny synthetic checkpoints: fp32 and bf16, several shards each."""
-    g = _generator()
+    g = synthetic
     root = tmp_path_factory.mktemp("synthetic")
     out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -328,7 +314,7 @@ def test_large_group_projection_matches_full_features(tmp_path):
     from netfold.fold import llm as L
     from netfold.fold.cluster import folding_cost
 
-    g = _generator()
+    g = synthetic
     shape = dict(TINY, hidden_size=32, intermediate_size=L.LARGE_GROUP, num_hidden_layers=2)
     src = g.write_checkpoint(tmp_path / "wide", shape, dtype=torch.float32)
     model = load_pretrained(src)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -55,14 +56,7 @@ _SKIP_FILES = (S.INDEX, "config.json", "netfold_checksums.json", "netfold_metada
 def estimate_float32_bytes(src: str | os.PathLike) -> int:
     """Bytes the model of folder ``src`` takes in float32 (from the safetensors headers)."""
     ck = S.Checkpoint(src)
-    return sum(4 * _numel(t.shape) for t in ck.tensors.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sum(4 * math.prod(t.shape) for t in ck.tensors.values())
 
 
 def available_memory() -> int:
@@ -204,8 +198,6 @@ STREAM_AUTO_WARNING = (
 
 def _resolve_auto(config: FoldConfig) -> tuple[FoldConfig, str | None]:
     """``config`` with "auto" repair / allocation replaced by :data:`STREAM_AUTO`."""
-    import dataclasses
-
     changes = {k: v for k, v in STREAM_AUTO.items() if getattr(config, k) == "auto"}
     if not changes:
         return config, None

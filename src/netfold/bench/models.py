@@ -78,16 +78,3 @@ def _loaded(model: nn.Module, info: Any, seed: int) -> LoadedModel:
     lm = LoadedModel(model, "vision", info.spec, image_size=shape[1])
     lm.channels = shape[0]
     return lm
-
-
-def _loaded(model: nn.Module, info: Any, seed: int) -> LoadedModel:
-    if info.random_weights:
-        randomize_bn(model, seed)
-    if info.kind == "tokens":
-        return LoadedModel(model, "lm", info.spec, vocab_size=int(info.vocab_size or 0))
-    shape = info.input_shape
-    if shape is None or len(shape) != 3 or shape[1] != shape[2]:
-        raise ValueError(f"{info.spec}: takes inputs of shape {shape}, not square images")
-    lm = LoadedModel(model, "vision", info.spec, image_size=shape[1])
-    lm.channels = shape[0]
-    return lm

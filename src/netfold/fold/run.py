@@ -197,9 +197,7 @@ def _run(
             f"data= is only used by repair='data'; repair={config.repair!r} {why} and would "
             "ignore it (pass repair='data' to calibrate on it, or drop data=)"
         )
-    if repair.requires_batchnorm and not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    ):
+    if repair.requires_batchnorm and not auto.has_batchnorm(model):
         raise ValueError(
             f"repair={config.repair!r} needs BatchNorm layers (Deep Inversion matches their "
             "statistics)"

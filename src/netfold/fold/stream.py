@@ -35,7 +35,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -583,8 +583,3 @@ def assemble(
     for name, text in files.items():
         (out / name).write_text(text)
     return {"bytes_written": written, "total_size": total, "files": sorted(src.files)}
-
-
-def iter_layers(names: Iterable[str], layer_of: Callable[[str], int | None]) -> Iterator[int]:
-    """The distinct layer indices of ``names``, sorted."""
-    yield from sorted({i for n in names if (i := layer_of(n)) is not None})

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..config import DeepInversionConfig
 from ..eval.cost import count_params
+from ..fold.auto import has_batchnorm
 from ..fold.deep_inversion import synthesize
 from ..fold.repair import collect_inputs, producer_stats, repair_with_batch
 from ..graph.groups import ChannelGroup, Consumer
@@ -578,9 +579,7 @@ def merge(
             f"data= is used by repair='data' and method='zipit' only; method={config.method!r} "
             f"with repair={config.repair!r} would ignore it"
         )
-    if config.repair == "dir" and not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()
-    ):
+    if config.repair == "dir" and not has_batchnorm(models[0]):
         raise ValueError("repair='dir' needs BatchNorm layers (Deep Inversion matches them)")
     if config.repair == "dir" and config.deep_inversion.batch_size < 2 * M:
         raise ValueError(
